@@ -1,0 +1,59 @@
+"""Loads the compiled extension ``monet._C`` once and says what it has."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """Import monet._C (registers torch.ops.monet.*). Returns the module, or None with a reason."""
+    try:
+        from monet import _C  # noqa: F401  (import registers the TORCH_LIBRARY ops)
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"{type(e).__name__}: {e}"
+    return _C, None
+
+
+def available() -> bool:
+    """True when monet._C imported and its ops are registered."""
+    return _load()[0] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def warn_fallback() -> None:
+    """Warn once that the pure-PyTorch references are used instead of the native kernels."""
+    reason = _load()[1]
+    warnings.warn(
+        "monet._C is not available (" + str(reason) + "); monet.ops falls back to the slower "
+        "pure-PyTorch reference implementations. Build it with `pip install -e . "
+        "--no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def build_info() -> dict:
+    """Version, torch versions, whether the native ops and their CUDA half are compiled."""
+    mod, reason = _load()
+    from monet import __version__
+
+    info: dict = {
+        "version": __version__,
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "native_ops": mod is not None,
+    }
+    if mod is None:
+        info["native_error"] = reason
+        info["cuda_compiled"] = False
+        return info
+    built = dict(mod.build_info())
+    info["compiled_with_torch"] = built.pop("torch_version")
+    info["extension_version"] = built.pop("version")
+    info.update(built)
+    return info
