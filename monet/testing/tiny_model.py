@@ -298,7 +298,7 @@ def _marker(preset: TinyPreset, seed: int, add_monet_tokens: bool, dtype: str, v
     import torch
     import transformers
 
-    return {
+    marker = {
         "factory_version": FACTORY_VERSION,
         "preset": asdict(preset),
         "seed": int(seed),
@@ -309,6 +309,7 @@ def _marker(preset: TinyPreset, seed: int, add_monet_tokens: bool, dtype: str, v
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
+    return json.loads(json.dumps(marker))  # tuples -> lists, as read back from disk
 
 
 def _read_marker(path: Path) -> dict | None:
