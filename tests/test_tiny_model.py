@@ -81,7 +81,8 @@ def test_config_matches_tokenizer(loaded):
     cfg, tok = model.config, processor.tokenizer
     text = cfg.text_config
     assert isinstance(processor, transformers.Qwen2_5_VLProcessor)
-    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") == processor.image_token_id
+    assert cfg.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert cfg.image_token_id == processor.image_token_id
     assert cfg.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     assert cfg.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
@@ -163,7 +164,8 @@ def test_tokenizer_roundtrip_ascii(loaded):
         "zqxj qwxz 0123456789 ~!@#$%^&*()_+`-=[]{}|;':\",./<>?",
     ]
     for _ in range(20):
-        idx = torch.randint(len(alphabet), (int(torch.randint(1, 80, (1,), generator=rng)),), generator=rng)
+        length = int(torch.randint(1, 80, (1,), generator=rng))
+        idx = torch.randint(len(alphabet), (length,), generator=rng)
         samples.append("".join(alphabet[i] for i in idx.tolist()))
     unk = tok.unk_token_id
     for s in samples:
@@ -183,7 +185,8 @@ def test_monet_tokens_single_consecutive_ids(loaded):
     assert ids == list(range(ids[0], ids[0] + len(MONET_TOKENS)))
     assert ids[-1] == len(tok) - 1  # added last, like on top of the real Qwen tokenizer
     # inside text they still come out as single ids
-    enc = tok.encode("a<abs_vis_token><abs_vis_token_pad></abs_vis_token>b", add_special_tokens=False)
+    text = "a<abs_vis_token><abs_vis_token_pad></abs_vis_token>b"
+    enc = tok.encode(text, add_special_tokens=False)
     assert ids[1] in enc and ids[0] in enc and ids[2] in enc
 
 
@@ -230,6 +233,12 @@ def test_without_monet_tokens(tmp_path):
     assert tok.convert_tokens_to_ids("<|image_pad|>") is not None
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["text_config"]["vocab_size"] >= len(tok)
+    # exact-size embedding (no spare rows), so adding the Monet tokens later needs a resize
+    exact = build_tiny_checkpoint(
+        tmp_path / "exact", seed=0, add_monet_tokens=False, pad_vocab_to_multiple_of=1
+    )
+    cfg = json.loads((exact / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] == len(tok)
 
 
 def test_unknown_preset_rejected(tmp_path):

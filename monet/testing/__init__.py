@@ -20,7 +20,12 @@ from monet.testing.tiny_model import (
     init_weights_,
     synthetic_image,
 )
-from monet.testing.tokenizer import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, build_tokenizer, training_corpus
+from monet.testing.tokenizer import (
+    CHAT_TEMPLATE,
+    QWEN_ADDED_TOKENS,
+    build_tokenizer,
+    training_corpus,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -261,11 +261,12 @@ def init_weights_(model: Any, seed: int, std: float = 0.02) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             leaf = name.rsplit(".", 2)
-            is_norm = param.ndim == 1 and any("norm" in part or part == "ln_q" for part in leaf[:-1])
-            if is_norm:
+            owners = leaf[:-1]
+            if param.ndim == 1 and any("norm" in part or part == "ln_q" for part in owners):
                 param.fill_(1.0)
             else:
-                values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                values = torch.empty(param.shape, dtype=torch.float32)
+                values.normal_(0.0, std, generator=gen)
                 param.copy_(values.to(param.dtype))
 
 
@@ -377,7 +378,8 @@ def build_tiny_checkpoint(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
     if out_dir is None:
-        tag = f"{p.name}-s{seed}{'' if add_monet_tokens else '-nomonet'}-{dtype}-v{pad_vocab_to_multiple_of}"
+        monet = "" if add_monet_tokens else "-nomonet"
+        tag = f"{p.name}-s{seed}{monet}-{dtype}-v{pad_vocab_to_multiple_of}"
         out_dir, cache = default_cache_dir() / tag, True
     out = Path(out_dir).absolute()
     marker = _marker(p, seed, add_monet_tokens, dtype, pad_vocab_to_multiple_of)
@@ -408,7 +410,7 @@ def build_tiny_checkpoint(
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (56, 56)):
-    """A deterministic RGB ``PIL.Image`` (``size`` = (width, height)) with random coloured shapes."""
+    """A deterministic RGB ``PIL.Image`` of random coloured shapes; ``size`` is (width, height)."""
     from PIL import Image, ImageDraw
 
     rng = random.Random(int(seed))

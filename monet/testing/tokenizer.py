@@ -8,6 +8,8 @@ Qwen's order, and the Monet tokens come last (like the real Qwen2.5 tokenizer pl
 
 from __future__ import annotations
 
+import json
+
 from monet.tokens import MONET_TOKENS
 
 #: Qwen2.5's added tokens, in Qwen's id order, with whether each is "special" (skipped on decode).
@@ -109,8 +111,12 @@ def training_corpus() -> list[str]:
     for i, colour in enumerate(_COLOURS):
         shape = _SHAPES[i % len(_SHAPES)]
         other = _SHAPES[(i * 5 + 3) % len(_SHAPES)]
-        lines.append(f"The {shape} is {colour}. There are {i + 2} {other}s next to the {colour} {shape}.")
-        lines.append(f"Is the {colour} {shape} left of the {other}? Yes, the answer is \\boxed{{{colour}}}.")
+        lines.append(
+            f"The {shape} is {colour}. There are {i + 2} {other}s next to the {colour} {shape}."
+        )
+        lines.append(
+            f"Is the {colour} {shape} left of the {other}? Yes, the answer is \\boxed{{{colour}}}."
+        )
     for n in range(0, 40, 3):
         lines.append(f"Step {n}: count {n} and {n + 1}, so the total is {2 * n + 1}.")
     return lines
@@ -136,8 +142,6 @@ def _train_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tk.train_from_iterator(training_corpus(), trainer=trainer)
-    import json
-
     model = json.loads(tk.to_str())["model"]
     vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
