@@ -17,9 +17,31 @@ def build_info() -> dict:
     return native.build_info()
 
 
+_LAZY = {  # heavy (transformers) imports happen on first use, so `import monet` stays fast
+    "load_model": "monet.model",
+    "generate": "monet.model",
+    "LatentRequest": "monet.model",
+    "LatentGeneration": "monet.model",
+    "MonetConfig": "monet.model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'monet' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "build_info",
+    "load_model",
+    "generate",
+    "LatentRequest",
+    "LatentGeneration",
+    "MonetConfig",
     "LatentTokenIds",
     "MONET_TOKENS",
     "LATENT_START",

@@ -1,0 +1,92 @@
+"""Slow, obviously-correct references for latent decoding and the latent training forward.
+
+Written independently of monet.ops / monet.model.decoding: no KV cache, no batching, no padding,
+the span rules spelled out as a queue of forced tokens rather than the counter state machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from monet.model.requests import as_request, render_prompt
+
+
+def _embed(model, ids: torch.Tensor, pixel_values, grid) -> torch.Tensor:
+    """[1, L] ids -> [1, L, D] embeddings with image features at image pads."""
+    emb = model.get_input_embeddings()(ids)
+    if pixel_values is not None:
+        feats = model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output
+        feats = torch.cat(list(feats), 0)
+        where = (ids[0] == model.config.image_token_id).nonzero().flatten()
+        emb = emb.clone()
+        emb[0, where] = feats.to(emb.dtype)
+    return emb
+
+
+def _positions(model, ids: torch.Tensor, grid) -> torch.Tensor:
+    if grid is None:
+        return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+    types = (ids == model.config.image_token_id).int()
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
+    return pos
+
+
+def full_hidden(model, ids: list[int], latents: dict[int, torch.Tensor], pixel_values, grid) -> torch.Tensor:
+    """Final-norm hidden states [L, D] of the whole sequence, latents written at their positions."""
+    t = torch.tensor([ids])
+    emb = _embed(model, t, pixel_values, grid)
+    for p, v in latents.items():
+        emb[0, p] = v
+    out = model.model.language_model(inputs_embeds=emb, position_ids=_positions(model, t, grid))
+    return out.last_hidden_state[0]
+
+
+@torch.no_grad()
+def naive_latent_decode(model, processor, request, *, latent_size, layout, max_new_tokens, eos_ids,
+                        logit_bias=None):
+    """Greedy latent decoding of one request by full recomputation each step.
+
+    Returns (generated ids, latent positions relative to the generated ids, latent vectors [n, D]).
+    """
+    tok = processor.tokenizer
+    START = tok.convert_tokens_to_ids("<abs_vis_token>")
+    PAD = tok.convert_tokens_to_ids("<abs_vis_token_pad>")
+    END = tok.convert_tokens_to_ids("</abs_vis_token>")
+    text, images = render_prompt(processor, as_request(request))
+    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
+    ids = enc["input_ids"][0].tolist()
+    n_prompt = len(ids)
+    latents: dict[int, torch.Tensor] = {}
+    forced: list[int] = []          # tokens still to be emitted inside the open span
+    latent_inputs = 0               # how many of the next emitted tokens take a latent input
+    if ids[-1] == START:            # prompt ends with START: K latents follow in both layouts
+        forced, latent_inputs = [PAD] * latent_size + [END], latent_size
+    gen: list[int] = []
+    for _ in range(max_new_tokens):
+        h = full_hidden(model, ids, latents, pixel_values, grid)[-1]
+        logits = model.lm_head(h).float()
+        if logit_bias:
+            for t, b in logit_bias.items():
+                logits[t] += b
+        choice = int(logits.argmax())
+        if forced:
+            token = forced.pop(0)
+        else:
+            token = choice
+            if token == START:
+                if layout == "monet-v1":   # START itself takes the latent; K-1 PADs follow
+                    forced, latent_inputs = [PAD] * (latent_size - 1) + [END], latent_size
+                else:                      # START embedded normally; K PADs take latents
+                    forced, latent_inputs = [PAD] * latent_size + [END], latent_size + 1
+        ids.append(token)
+        gen.append(token)
+        if latent_inputs:
+            if not (layout != "monet-v1" and token == START):
+                latents[len(ids) - 1] = h  # this position's input = hidden of the previous position
+            latent_inputs -= 1
+        if not forced and token in eos_ids and latent_inputs == 0 and token not in (PAD, END):
+            break
+    pos = sorted(latents)
+    vecs = torch.stack([latents[p] for p in pos]) if pos else torch.zeros(0, model.config.text_config.hidden_size)
+    return gen, [p - n_prompt for p in pos], vecs

@@ -1,0 +1,182 @@
+"""monet.generate (batched, KV-cached, native ops) against the naive full-recompute decoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import monet
+from latent_reference import naive_latent_decode
+from monet.model.decoding import eos_token_ids
+from monet.render import SPAN_PLACEHOLDER, render_latent_text, split_spans
+from monet.testing import build_tiny_checkpoint, synthetic_image
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32")
+    return model, processor
+
+
+def mixed_requests():
+    """Requests with 0, 1 and 2 images, different prompt lengths, two ending in START."""
+    return [
+        monet.LatentRequest(prompt="What is here?", images=[synthetic_image(0)]),
+        monet.LatentRequest(prompt="hello", force_latent=True),
+        monet.LatentRequest(prompt="Describe the two pictures in detail please.",
+                            images=[synthetic_image(1), synthetic_image(2, size=(84, 56))]),
+        monet.LatentRequest(prompt="a b c d e f g"),
+        monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True),
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": synthetic_image(4)},
+                                                   {"type": "text", "text": "zzz"}]}]},
+    ]
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+@pytest.mark.parametrize("K", [1, 3, 8])
+def test_generate_matches_naive_decoder(tiny, layout, K):
+    model, processor = tiny
+    start = model.monet_config.token_ids.start
+    bias = {start: 0.5}  # makes spans open at different steps in different requests
+    reqs = mixed_requests()
+    outs = monet.generate(model, processor, reqs, max_new_tokens=24, latent_size=K, layout=layout,
+                          logit_bias=bias, return_latents=True)
+    first_span = set()
+    for i, (req, out) in enumerate(zip(reqs, outs)):
+        gen, pos, vecs = naive_latent_decode(model, processor, req, latent_size=K, layout=layout, max_new_tokens=24,
+                                             eos_ids=eos_token_ids(model, processor.tokenizer), logit_bias=bias)
+        assert out.token_ids == gen, f"request {i}"
+        assert out.latent_positions == pos, f"request {i}"
+        assert out.latents.shape == vecs.shape
+        torch.testing.assert_close(out.latents, vecs, rtol=1e-5, atol=1e-5)
+        first_span.add(pos[0] if pos else None)
+    # the batch really mixes requests entering latent mode at different steps (and none)
+    assert len(first_span - {None}) >= 2 and 0 in first_span
+
+
+def test_span_structure_and_forced_tokens(tiny):
+    """With sampling and a huge EOS bias, spans still have exactly K PADs then END; EOS only after END."""
+    model, processor = tiny
+    ids = model.monet_config.token_ids
+    eos = eos_token_ids(model, processor.tokenizer)
+    K = 4
+    outs = monet.generate(model, processor, [monet.LatentRequest(prompt="hi", force_latent=True)] * 3,
+                          max_new_tokens=30, latent_size=K, temperature=1.0, seed=0,
+                          logit_bias={e: 50.0 for e in eos})
+    for out in outs:
+        assert out.token_ids[:K + 1] == [ids.pad] * K + [ids.end]
+        assert out.token_ids[K + 1] in eos and len(out.token_ids) == K + 2
+        assert out.finish_reason == "stop"
+        assert out.latent_positions == list(range(K))
+        assert out.rendered.startswith(SPAN_PLACEHOLDER)
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+def test_sampled_spans_have_fixed_length(tiny, layout):
+    model, processor = tiny
+    ids = model.monet_config.token_ids
+    K = 3
+    outs = monet.generate(model, processor, mixed_requests(), max_new_tokens=40, latent_size=K, layout=layout,
+                          temperature=1.0, top_k=50, top_p=0.9, seed=1, logit_bias={ids.start: 3.0})
+    n_spans = 0
+    for out in outs:
+        toks = out.token_ids
+        for i, t in enumerate(toks):
+            if t == ids.start and i + K + 1 < len(toks):
+                n_pad = K if layout == "standard" else K - 1
+                assert toks[i + 1:i + 1 + n_pad] == [ids.pad] * n_pad and toks[i + 1 + n_pad] == ids.end
+                n_spans += 1
+        n_latent_expected = sum(1 for t in toks if t == ids.pad) + (sum(1 for t in toks if t == ids.start) if layout == 'monet-v1' else 0)
+        assert len(out.latent_positions) == n_latent_expected
+    assert n_spans > 0
+
+
+def test_seed_reproducible(tiny):
+    model, processor = tiny
+    kw = dict(max_new_tokens=12, latent_size=2, temperature=0.8, seed=7)
+    a = monet.generate(model, processor, mixed_requests(), **kw)
+    b = monet.generate(model, processor, mixed_requests(), **kw)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_generate_bf16_runs(tiny):
+    model, processor = monet.load_model(build_tiny_checkpoint(cache=True), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    outs = monet.generate(model, processor, mixed_requests()[:3], max_new_tokens=8, latent_size=2, return_latents=True)
+    assert outs[1].latent_positions == [0, 1] and outs[1].latents.shape == (2, model.config.text_config.hidden_size)
+
+
+def test_generate_errors(tiny, tmp_path):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="latent_size must be >= 1"):
+        monet.generate(model, processor, "hi", latent_size=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        monet.generate(model, processor, "hi", layout="v2")
+    with pytest.raises(FileNotFoundError, match="request 0 images\\[0\\].*missing.png"):
+        monet.generate(model, processor, monet.LatentRequest(prompt="x", images=[tmp_path / "missing.png"]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image"):
+        monet.generate(model, processor, monet.LatentRequest(prompt="x", images=[tmp_path / "bad.png"]))
+    with pytest.raises(ValueError, match="1 image placeholders .* 0 images"):
+        monet.generate(model, processor, monet.LatentRequest(prompt="<|vision_start|><|image_pad|><|vision_end|>x", raw_prompt=True))
+    with pytest.raises(ValueError, match="exactly one of prompt or messages"):
+        monet.generate(model, processor, {"images": []})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        monet.generate(model, processor, "hi", max_new_tokens=0)
+
+
+def test_render_spans(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    ids = monet.LatentTokenIds.from_tokenizer(tok)
+    hello = tok.encode("hello")
+    seq = hello + [ids.start, ids.pad, ids.pad, ids.end] + hello + [ids.start, ids.pad]
+    assert [k for k, _ in split_spans(seq, ids)] == ["text", "latent", "text", "latent"]
+    assert render_latent_text(tok, seq, ids) == f"hello{SPAN_PLACEHOLDER}hello{SPAN_PLACEHOLDER}"
+    # continuation of a span opened by the prompt
+    assert split_spans([ids.pad, ids.end] + hello, ids) == [("latent", [ids.pad, ids.end]), ("text", hello)]
+
+
+def test_load_model_adds_tokens_and_config_roundtrip(tmp_path):
+    # 695 tokens padded to 704 rows: adding 5 tokens needs no resize
+    path = build_tiny_checkpoint(tmp_path / "nomonet", add_monet_tokens=False)
+    model, processor = monet.load_model(path, latent_size=5, layout="monet-v1")
+    ids = model.monet_config.token_ids
+    assert (ids.pad, ids.start, ids.end) == (695, 696, 697)
+    assert model.get_input_embeddings().weight.shape[0] == 704
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    saved = json.loads((out / "monet_config.json").read_text())
+    assert saved["latent_size"] == 5 and saved["layout"] == "monet-v1" and saved["token_ids"]["start"] == 696
+    again, _ = monet.load_model(out)
+    assert again.monet_config == model.monet_config
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_load_model_grows_embeddings_with_mean_rows(tmp_path):
+    path = build_tiny_checkpoint(tmp_path / "tight", add_monet_tokens=False, pad_vocab_to_multiple_of=1)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    old = plain.get_input_embeddings().weight
+    model, processor = monet.load_model(path)
+    new = model.get_input_embeddings().weight
+    assert new.shape[0] == len(processor.tokenizer) == old.shape[0] + 5
+    torch.testing.assert_close(new[:old.shape[0]], old)
+    torch.testing.assert_close(new[old.shape[0]:], old.mean(0, keepdim=True).expand(5, -1))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        monet.load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        monet.load_model(tmp_path / "empty")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type is 'llama'.*Qwen2.5-VL"):
+        monet.load_model(tmp_path / "llama")
