@@ -90,3 +90,42 @@ def naive_latent_decode(model, processor, request, *, latent_size, layout, max_n
     pos = sorted(latents)
     vecs = torch.stack([latents[p] for p in pos]) if pos else torch.zeros(0, model.config.text_config.hidden_size)
     return gen, [p - n_prompt for p in pos], vecs
+
+
+def sequential_latent_forward(model, input_ids, attention_mask, latent_mask, mask4d, pixel_values=None,
+                              image_grid_thw=None):
+    """Research-style latent training forward for ONE unpadded sample (batch dim 1).
+
+    Latent pass: a Python loop of KV-cached forward calls with autograd, one per latent position,
+    each latent's value fed to the next step detached; ``z~_k`` = that step's last hidden state
+    (attached). Loss pass: a full forward with the ``z~`` written into the embeddings.
+    Returns (loss-pass final hidden [1, L, D], z~ [N, D]).
+    """
+    ids = input_ids
+    emb = model.get_input_embeddings()(ids)
+    if pixel_values is not None:
+        feats = torch.cat(list(model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output), 0)
+        where = (ids[0] == model.config.image_token_id).nonzero().flatten()
+        emb = emb.clone()
+        emb[0, where] = feats.to(emb.dtype)
+    pos = _positions(model, ids, image_grid_thw)
+    from monet.model.forward import run_text_model
+
+    cols = latent_mask[0].nonzero().flatten().tolist()
+    z_tilde, cache, start = [], None, 0
+    step_in = emb
+    for col in cols:
+        x = step_in[:, start:col]
+        h, cache = run_text_model(model, x, pos[:, :, start:col], mask4d[:, :, start:col, :col],
+                                  past_key_values=cache, use_cache=True)
+        z = h[:, -1]
+        z_tilde.append(z[0])
+        step_in = step_in.clone()
+        step_in[:, col] = z.detach()
+        start = col
+    loss_in = emb.clone()
+    for col, z in zip(cols, z_tilde):
+        loss_in[0, col] = z
+    hidden, _ = run_text_model(model, loss_in, pos, mask4d)
+    zt = torch.stack(z_tilde) if z_tilde else emb.new_zeros(0, emb.shape[-1])
+    return hidden, zt

@@ -77,6 +77,23 @@ def _mask_mapping(model: Any, mask4d: torch.Tensor, dtype: torch.dtype) -> dict[
     return {t: mask4d for t in types}
 
 
+class _GatherRows(torch.autograd.Function):
+    """``hidden[b, p]`` that saves nothing through autograd's saved-tensor machinery, so it can run
+    inside an activation-checkpointed layer (from a hook) without changing what the recomputation
+    must save."""
+
+    @staticmethod
+    def forward(ctx, hidden, batch_index, position):
+        ctx.shape, ctx.index = hidden.shape, (batch_index, position)
+        return hidden[batch_index, position]
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_zeros(ctx.shape)
+        out.index_put_(ctx.index, grad, accumulate=True)
+        return out, None, None
+
+
 class HiddenCapture:
     """Collects all-layer hidden states at selected positions during one forward.
 
@@ -96,8 +113,8 @@ class HiddenCapture:
         return self.layers is None or layer in self.layers
 
     def take(self, layer: int, hidden: torch.Tensor) -> None:
-        if layer not in self.rows and self.wants(layer):  # first call only (checkpoint recompute re-enters)
-            self.rows[layer] = hidden[self.batch_index, self.position]
+        if self.wants(layer) and layer not in self.rows:
+            self.rows[layer] = _GatherRows.apply(hidden, self.batch_index, self.position)
 
     def stacked(self) -> torch.Tensor:
         """[num_layers_kept, P, D] in layer order."""

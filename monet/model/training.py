@@ -1,0 +1,169 @@
+"""The latent training forward: gradient-equivalent to a sequential latent loop, in three passes.
+
+A training sequence holds latent positions (mask ``latent_mask[b, p]``): the input there is the
+final-norm hidden state of position ``p - 1`` (SPEC sections 4-5). Computing those sequentially
+with autograd (what the research code does: one KV-cached forward per latent step) is slow and
+memory-hungry. Here:
+
+1. **Decode** (no grad): the latent values ``z`` are computed batched and KV-cached, in chunks that
+   end just before each latent column; every chunk uses the stage mask.
+2. **Latent pass** (grad): one teacher-forced forward over the prefix that ends at the last latent,
+   inputs ``z`` (detached) at latent positions, stage mask; ``z~ = h[p - 1]`` is attached to the graph
+   and numerically equal to ``z``.
+3. **Loss pass** (grad): one forward with ``z~`` inserted at the latent positions (``latent_scatter``),
+   stage mask, gradient checkpointing allowed.
+
+Each latent receives its gradient through the computation of ``h[p - 1]`` given the earlier inputs;
+the earlier latents inside that computation are treated as constants (the feedback is detached),
+exactly like the sequential reference ``tests/latent_reference.py:sequential_latent_forward``.
+
+Shapes: B batch, L length, D hidden, N latent positions, P captured positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from monet import ops
+from monet.model.forward import HiddenCapture, embed_multimodal, mrope_positions, run_text_model
+
+AttentionKind = Literal["causal", "stage2"]
+
+
+@dataclass
+class LatentBatch:
+    """A padded training batch (right padding).
+
+    ``latent_mask`` [B, L] bool marks positions whose input is a latent. ``attention="stage2"``
+    uses the helper-image mask of SPEC section 5 (needs ``answer_start`` [B] to tell question
+    images from helper images); ``"causal"`` is plain causal with padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    latent_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    attention: AttentionKind = "causal"
+    answer_start: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "LatentBatch":
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return LatentBatch(**{k: move(v) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class LatentForwardOutput:
+    """``hidden`` [B, L, D] final-norm states of the loss pass. ``latents`` [N, D] the inserted
+    ``z~`` (row-major order of ``latent_mask``), attached to the graph. ``latent_source`` [B, Lp, D]
+    the latent-pass hidden states ``z~`` were taken from (route extra gradients into it with
+    ``torch.autograd.grad``). ``captured`` [layers, P, D] all-layer states at the requested
+    positions (or None)."""
+
+    hidden: torch.Tensor
+    latents: torch.Tensor
+    latent_source: torch.Tensor | None
+    captured: torch.Tensor | None
+
+
+def ids_for_model(model: Any):
+    """Token ids the stage mask needs, from the model config."""
+    cfg = model.config
+    ids = model.monet_config.token_ids
+    return dict(image_pad_id=cfg.image_token_id, vision_start_id=cfg.vision_start_token_id,
+                vision_end_id=cfg.vision_end_token_id, latent_start_id=ids.start, latent_pad_id=ids.pad)
+
+
+def attention_mask_4d(model: Any, batch: LatentBatch, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[B, 1, L, L]`` mask of the batch's attention kind (native op)."""
+    ids, am = batch.input_ids, batch.attention_mask
+    if batch.attention == "stage2":
+        if batch.answer_start is None:
+            raise ValueError("attention='stage2' needs answer_start (first position of the assistant turn per row)")
+        kind, step = ops.latent_segments(ids, am, batch.answer_start, **ids_for_model(model))
+    elif batch.attention == "causal":
+        kind = torch.where(am.bool(), ops.KIND_TEXT, ops.KIND_PAD).to(torch.int8)
+        step = torch.full_like(ids, -1, dtype=torch.int32)
+    else:
+        raise ValueError(f"attention must be 'causal' or 'stage2', got {batch.attention!r}")
+    return ops.latent_attention_mask(kind, step, dtype)
+
+
+def _check_batch(batch: LatentBatch) -> None:
+    B, L = batch.input_ids.shape
+    for name in ("attention_mask", "latent_mask"):
+        t = getattr(batch, name)
+        if t.shape != (B, L):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, L)} like input_ids")
+    if batch.latent_mask.dtype != torch.bool:
+        raise ValueError(f"latent_mask must be bool, got {batch.latent_mask.dtype}")
+    if L and bool(batch.latent_mask[:, 0].any()):
+        raise ValueError("latent_mask is set at position 0: a latent needs a previous position")
+    if bool((batch.latent_mask & ~batch.attention_mask.bool()).any()):
+        raise ValueError("latent_mask is set on padding positions")
+
+
+@torch.no_grad()
+def decode_latents(
+    model: Any, embeds: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor, latent_mask: torch.Tensor
+) -> torch.Tensor:
+    """Pass 1: sequential latent values, batched and KV-cached. Returns embeds with ``z`` written
+    at the latent positions ([B, L, D], no graph)."""
+    embeds = embeds.detach().clone()
+    cols = latent_mask.any(0).nonzero().flatten().tolist()
+    if not cols:
+        return embeds
+    cache, start = None, 0
+    lm = model.model.language_model
+    was_training = lm.training
+    lm.eval()  # gradient-checkpointed layers drop the KV cache in training mode; this pass has no grad
+    try:
+        for col in cols:  # chunk [start, col) ends just before a latent column
+            hidden, cache = run_text_model(model, embeds[:, start:col], positions[:, :, start:col],
+                                           mask4d[:, :, start:col, :col], past_key_values=cache, use_cache=True)
+            rows = latent_mask[:, col]
+            embeds[rows, col] = hidden[rows, -1]
+            start = col
+    finally:
+        lm.train(was_training)
+    return embeds
+
+
+def latent_forward(
+    model: Any,
+    batch: LatentBatch,
+    *,
+    capture: tuple[torch.Tensor, torch.Tensor] | None = None,
+    capture_layers: list[int] | None = None,
+) -> LatentForwardOutput:
+    """Training forward with latents (the three passes of the module docstring).
+
+    ``capture=(batch_index [P], position [P])`` also returns all-layer hidden states at those
+    positions (layer 0 = embeddings ... last = final norm; ``capture_layers`` selects a subset).
+    """
+    _check_batch(batch)
+    ids, am = batch.input_ids, batch.attention_mask
+    embeds = embed_multimodal(model, ids, batch.pixel_values, batch.image_grid_thw)
+    positions = mrope_positions(model, ids, am, batch.image_grid_thw)
+    mask4d = attention_mask_4d(model, batch, embeds.dtype)
+    lmask = batch.latent_mask
+    cap = HiddenCapture(capture[0], capture[1], capture_layers) if capture is not None else None
+
+    if not bool(lmask.any()):
+        hidden, _ = run_text_model(model, embeds, positions, mask4d, capture=cap)
+        return LatentForwardOutput(hidden, embeds.new_zeros(0, embeds.shape[-1]), None,
+                                   cap.stacked() if cap else None)
+
+    last = int(lmask.any(0).nonzero().max())  # latent pass needs h up to position last - 1
+    z = decode_latents(model, embeds, positions, mask4d, lmask)  # detached values
+    latent_in = torch.where(lmask.unsqueeze(-1), z, embeds)  # non-latent rows keep their graph
+    src, _ = run_text_model(model, latent_in[:, :last], positions[:, :, :last], mask4d[:, :, :last, :last])
+    src_full = torch.nn.functional.pad(src, (0, 0, 0, ids.shape[1] - last))
+    loss_inputs = ops.latent_scatter(embeds, src_full, lmask)
+    hidden, _ = run_text_model(model, loss_inputs, positions, mask4d, capture=cap)
+    b, p = lmask.nonzero(as_tuple=True)
+    latents = src[b, p - 1]
+    return LatentForwardOutput(hidden, latents, src, cap.stacked() if cap else None)
