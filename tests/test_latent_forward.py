@@ -8,10 +8,8 @@ import torch
 import monet
 from latent_reference import sequential_latent_forward
 from monet.model.training import LatentBatch, attention_mask_4d, latent_forward
-from monet.testing import build_tiny_checkpoint, synthetic_image
-
-VISION = "<|vision_start|><|image_pad|><|vision_end|>"
-
+from monet.testing import build_tiny_checkpoint
+from monet.testing.batches import latent_training_batch, split_batch
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -20,59 +18,11 @@ def tiny():
 
 
 def make_batch(processor, model, K, spans_per_sample, attention, helper_images=True, seed=0):
-    """Right-padded batch of samples: question image, assistant text with helper image(s) each
-    followed by START + K*PAD + END (stage-2 style), or without helper images (stage-3 style)."""
-    tok = processor.tokenizer
-    g = torch.Generator().manual_seed(seed)
-    texts, images = [], []
-    words = ["look", "closer", "the", "shape", "is", "red", "circle", "zoom", "in", "on", "corner"]
-    for i, n_spans in enumerate(spans_per_sample):
-        prompt = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"question {i}?"}]}],
-            add_generation_prompt=True)
-        images.append(synthetic_image(10 * seed + i))
-        answer = ""
-        for s in range(n_spans):
-            n = int(torch.randint(1, 6, (1,), generator=g))
-            answer += " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
-            if helper_images:
-                answer += VISION
-                images.append(synthetic_image(100 + 10 * i + s, size=(56, 84)))
-            answer += "<abs_vis_token>" + "<abs_vis_token_pad>" * K + "</abs_vis_token>"
-            answer += "<observation>it is red</observation>"
-        answer += " so \\boxed{red}<|im_end|>"
-        texts.append(prompt + answer)
-    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="right")
-    ids, am = enc["input_ids"], enc["attention_mask"]
-    # answer starts after the last "<|im_start|>assistant\n" of each row
-    assistant = tok.encode("<|im_start|>assistant\n")
-    starts = []
-    for row in ids.tolist():
-        for p in range(len(row) - len(assistant), -1, -1):
-            if row[p:p + len(assistant)] == assistant:
-                starts.append(p + len(assistant))
-                break
-    answer_start = torch.tensor(starts)
-    pos = torch.arange(ids.shape[1])
-    latent_mask = (ids == model.monet_config.token_ids.pad) & (pos >= answer_start[:, None]) & am.bool()
-    return LatentBatch(ids, am, latent_mask, enc["pixel_values"], enc["image_grid_thw"], attention, answer_start)
+    return latent_training_batch(model, processor, K, spans_per_sample, attention, helper_images, seed)
 
 
 def per_sample(batch, b, processor):
-    """Unpadded sample b of the batch, with its own pixel rows and grid."""
-    n = int(batch.attention_mask[b].sum())
-    grid = batch.image_grid_thw
-    per_image = grid.prod(-1).tolist()
-    counts = []  # images per sample, in order
-    vs = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    for r in range(batch.input_ids.shape[0]):
-        counts.append(int((batch.input_ids[r] == vs).sum()))
-    first = sum(counts[:b])
-    rows_before = sum(per_image[:first])
-    rows = sum(per_image[first:first + counts[b]])
-    return LatentBatch(batch.input_ids[b:b + 1, :n], batch.attention_mask[b:b + 1, :n], batch.latent_mask[b:b + 1, :n],
-                       batch.pixel_values[rows_before:rows_before + rows], grid[first:first + counts[b]],
-                       batch.attention, batch.answer_start[b:b + 1])
+    return split_batch(batch, b, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
 
 
 def loss_of(model, hidden, batch, weights):
