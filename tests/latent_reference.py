@@ -93,12 +93,14 @@ def naive_latent_decode(model, processor, request, *, latent_size, layout, max_n
 
 
 def sequential_latent_forward(model, input_ids, attention_mask, latent_mask, mask4d, pixel_values=None,
-                              image_grid_thw=None):
+                              image_grid_thw=None, checkpoint_loss_pass=False):
     """Research-style latent training forward for ONE unpadded sample (batch dim 1).
 
     Latent pass: a Python loop of KV-cached forward calls with autograd, one per latent position,
     each latent's value fed to the next step detached; ``z~_k`` = that step's last hidden state
-    (attached). Loss pass: a full forward with the ``z~`` written into the embeddings.
+    (attached). Loss pass: a full forward with the ``z~`` written into the embeddings (with
+    activation checkpointing when ``checkpoint_loss_pass``, as the research trainer does; the loop
+    cannot use it because it needs the KV cache).
     Returns (loss-pass final hidden [1, L, D], z~ [N, D]).
     """
     ids = input_ids
@@ -126,6 +128,12 @@ def sequential_latent_forward(model, input_ids, attention_mask, latent_mask, mas
     loss_in = emb.clone()
     for col, z in zip(cols, z_tilde):
         loss_in[0, col] = z
-    hidden, _ = run_text_model(model, loss_in, pos, mask4d)
+    if checkpoint_loss_pass:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        hidden, _ = run_text_model(model, loss_in, pos, mask4d)
+    finally:
+        if checkpoint_loss_pass:
+            model.gradient_checkpointing_disable()
     zt = torch.stack(z_tilde) if z_tilde else emb.new_zeros(0, emb.shape[-1])
     return hidden, zt
