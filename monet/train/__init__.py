@@ -1,0 +1,1 @@
+"""Training: SFT stages 1-3 (``monet.train.sft``), losses, teacher stores, checkpoints."""
