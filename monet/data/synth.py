@@ -1,0 +1,218 @@
+"""A deterministic synthetic visual-reasoning dataset in the Monet-SFT-125K format.
+
+Each scene is a small image (112x112) of coloured shapes, one per corner region at most. The
+question asks about the *small* shape in one corner (its colour or its kind); the assistant zooms
+in (helper image = 2x zoom of a 28x28 crop around that shape, 56x56 pixels), states what it sees
+in an ``<observation>`` and answers in ``\\boxed{}``::
+
+    user:      [scene] "What colour is the small shape in the top-left corner? ..."
+    assistant: "... so I will zoom in on that region.<abs_vis_token></abs_vis_token>" [crop]
+               "<observation>The crop shows a red circle.</observation> ... \\boxed{red}."
+
+Everything is a function of ``seed`` (each sample has its own RNG stream, so the first ``n``
+samples do not depend on the total). The eval split uses separate streams and never repeats a
+training scene. The command line ``monet data synth`` is expected to call
+:func:`synthesize_dataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monet.data.sft_format import PLACEHOLDER
+
+DATASET_NAME = "Synth_Zoom"
+SCENE_SIZE = 112
+CROP_SIZE = 28  # region around the target, zoomed 2x into the helper image
+HELPER_SIZE = 56
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+_BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225))
+
+
+@dataclass(frozen=True)
+class SynthDataset:
+    """Paths written by :func:`synthesize_dataset`. ``root`` is the image root of both files."""
+
+    root: Path
+    train_json: Path
+    eval_json: Path
+    n: int
+    n_eval: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Shape:
+    kind: str
+    colour: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 inclusive
+
+
+@dataclass(frozen=True)
+class _Scene:
+    background: tuple[int, int, int]
+    corner: int
+    ask: str  # "colour" or "shape"
+    target: _Shape
+    others: tuple[_Shape, ...]
+
+    def signature(self) -> tuple:
+        return (self.background, self.corner, self.ask, self.target, self.others)
+
+
+def _shape_in(rng: random.Random, corner: int, size: int, colour: str | None = None) -> _Shape:
+    half = SCENE_SIZE // 2
+    ox, oy = (corner % 2) * half, (corner // 2) * half
+    margin = 4
+    x0 = ox + rng.randint(margin, half - margin - size)
+    y0 = oy + rng.randint(margin, half - margin - size)
+    return _Shape(rng.choice(SHAPES), colour or rng.choice(sorted(COLOURS)), (x0, y0, x0 + size - 1, y0 + size - 1))
+
+
+def _random_scene(rng: random.Random) -> _Scene:
+    corner = rng.randrange(4)
+    target = _shape_in(rng, corner, rng.randint(9, 13))
+    others = tuple(_shape_in(rng, c, rng.randint(9, 26)) for c in range(4) if c != corner and rng.random() < 0.75)
+    return _Scene(rng.choice(_BACKGROUNDS), corner, rng.choice(("colour", "shape")), target, others)
+
+
+def _draw(scene: _Scene):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (SCENE_SIZE, SCENE_SIZE), scene.background)
+    draw = ImageDraw.Draw(img)
+    for s in (scene.target, *scene.others):
+        fill = COLOURS[s.colour]
+        x0, y0, x1, y1 = s.box
+        if s.kind == "circle":
+            draw.ellipse(s.box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(s.box, fill=fill)
+        else:
+            draw.polygon([((x0 + x1) // 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return img
+
+
+def _helper(scene: _Scene, img):
+    from PIL import Image
+
+    x0, y0, x1, y1 = scene.target.box
+    cx, cy = (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2
+    left = min(max(0, cx - CROP_SIZE // 2), SCENE_SIZE - CROP_SIZE)
+    top = min(max(0, cy - CROP_SIZE // 2), SCENE_SIZE - CROP_SIZE)
+    crop = img.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
+    return crop.resize((HELPER_SIZE, HELPER_SIZE), Image.Resampling.NEAREST)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _sample_json(scene: _Scene, sample_id: str, scene_path: str, helper_path: str) -> dict[str, Any]:
+    corner = CORNERS[scene.corner]
+    t = scene.target
+    if scene.ask == "colour":
+        question = f"What colour is the small shape in the {corner} corner?"
+        answer = t.colour
+    else:
+        question = f"What kind of shape is the small object in the {corner} corner?"
+        answer = t.kind
+    question += " Put the final answer in \\boxed{}."
+    reasoning = (f"The question is about the small shape in the {corner} corner. It is too small to see "
+                 f"clearly, so I will zoom in on that region.{PLACEHOLDER}")
+    thing = f"{_article(t.colour)} {t.colour} {t.kind}"
+    conclusion = (f"<observation>The crop shows {thing}.</observation> The small shape in the "
+                  f"{corner} corner is {thing}, so the answer is \\boxed{{{answer}}}.")
+    return {
+        "metadata": {"dataset_name": DATASET_NAME, "sample_id": sample_id},
+        "data": [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": [{"type": "image", "image": scene_path},
+                                         {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": reasoning},
+                                              {"type": "image", "image": helper_path},
+                                              {"type": "text", "text": conclusion}]},
+        ],
+    }
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_split(out: Path, split: str, scenes: list[_Scene]) -> Path:
+    img_dir = out / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, scene in enumerate(scenes):
+        scene_rel = f"images/{split}/{i:06d}.png"
+        helper_rel = f"images/{split}/{i:06d}_zoom.png"
+        img = _draw(scene)
+        _atomic_write_bytes(out / scene_rel, _png_bytes(img))
+        _atomic_write_bytes(out / helper_rel, _png_bytes(_helper(scene, img)))
+        samples.append(_sample_json(scene, f"{split}-{i:06d}", scene_rel, helper_rel))
+    path = out / f"{split}.json"
+    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
+    return path
+
+
+def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0) -> SynthDataset:
+    """Write ``n`` training and ``n_eval`` held-out samples into ``out_dir``.
+
+    Layout: ``out_dir/train.json`` and ``out_dir/eval.json`` (JSON lists in the Monet-SFT-125K
+    format, dataset name ``Synth_Zoom``, sample ids ``train-000000``/``eval-000000``...) and the
+    PNG images under ``out_dir/images/{train,eval}/`` referenced by paths relative to ``out_dir``.
+    Eval samples carry the full reference assistant turn; the answer is its ``\\boxed{}``.
+    Same ``(n, n_eval, seed)`` -> byte-identical files. Returns a :class:`SynthDataset`.
+    """
+    if n < 0 or n_eval < 0:
+        raise ValueError(f"n and n_eval must be >= 0, got {n}, {n_eval}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = [_random_scene(random.Random(f"monet-synth/{seed}/train/{i}")) for i in range(n)]
+    seen = {s.signature() for s in train}
+    evals = []
+    for i in range(n_eval):
+        attempt = 0
+        while True:
+            scene = _random_scene(random.Random(f"monet-synth/{seed}/eval/{i}/{attempt}"))
+            if scene.signature() not in seen:
+                break
+            attempt += 1
+        seen.add(scene.signature())
+        evals.append(scene)
+    train_json = _write_split(out, "train", train)
+    eval_json = _write_split(out, "eval", evals)
+    return SynthDataset(out, train_json, eval_json, n, n_eval, seed)
