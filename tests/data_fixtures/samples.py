@@ -66,3 +66,28 @@ def variant(fn, sample_id) -> dict:
 def write_json(path: Path, samples) -> Path:
     path.write_text(json.dumps(samples))
     return path
+
+
+_PROCESSOR = None
+
+
+def tiny_processor():
+    """The tiny checkpoint's Qwen2_5_VLProcessor (built once per session, cached on disk)."""
+    global _PROCESSOR
+    if _PROCESSOR is None:
+        from transformers import AutoProcessor
+
+        from monet.testing import build_tiny_checkpoint
+
+        _PROCESSOR = AutoProcessor.from_pretrained(build_tiny_checkpoint(cache=True))
+    return _PROCESSOR
+
+
+def load_hand_samples(root: Path, *samples: dict):
+    """Write images and ``samples`` under ``root`` and load them (asserting none is rejected)."""
+    from monet.data import load_sft_dataset
+
+    write_images(root)
+    loaded, report = load_sft_dataset(write_json(root / "hand.json", list(samples)))
+    assert report.rejected == 0, report.summary()
+    return loaded

@@ -1,0 +1,303 @@
+"""Token sequences, targets and image plans of one SFT sample for stage 1, 2 or 3.
+
+Layout of the assistant turn per helper image (text before it ends in the placeholder
+``<abs_vis_token></abs_vis_token>``; ``V`` = ``<|vision_start|> <|image_pad|>*n <|vision_end|>``):
+
+* stage 1: ``text V``                      (helper image as a real image)
+* stage 2: ``text V START PAD*K END``      (latents right after the helper image)
+* stage 3: ``text START PAD*K END``        (helper image removed)
+
+The placeholder text itself never becomes tokens: in stage 1 it is simply removed (the helper
+image follows the reasoning text directly, so stage 1 does not teach the model to emit an empty
+START/END pair); in stages 2-3 its place is taken by the ``START + K*PAD + END`` block (after the
+image in stage 2). Text is rendered with the processor's chat template, so the prompt is exactly
+what inference sees.
+
+Targets (``labels``, aligned with ``input_ids`` like Hugging Face labels: the loss at position
+``p`` uses the logits of ``p - 1``; ``-100`` = not a target): every assistant-turn token from
+``answer_start`` up to and including the turn's final ``<|im_end|>``, except image pads,
+vision start/end, latent PAD, END, ``<observation>`` and ``</observation>``. START is a target.
+``observation_mask`` marks the tokens strictly between ``<observation>`` and ``</observation>``
+(the alignment positions of stage 2 and the teacher); their targets get weight
+``ce_emphasize_factor``, other targets 1, non-targets 0 (:meth:`StageExample.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+from monet.data.image_budget import ImageBudget, ProcessorGeometry, plan_image_tokens, stage_budget
+from monet.data.sft_format import PLACEHOLDER, ImageItem, SFTSample, TextItem, Turn
+from monet.layout import check_latent_size
+from monet.tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentTokenIds
+
+IGNORE_INDEX = -100
+STAGES = (1, 2, 3)
+
+#: ``ce_emphasize_factor`` defaults: SPEC gives 2 (stage 1) and 4 (stage 2); stage 3 is not
+#: specified there and follows stage 2.
+DEFAULT_CE_EMPHASIZE: dict[int, float] = {1: 2.0, 2: 4.0, 3: 4.0}
+
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IM_END = "<|im_end|>"
+
+
+def check_stage(stage: int) -> int:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    return int(stage)
+
+
+@dataclass(frozen=True)
+class LayoutTokens:
+    """Token ids (and the image token string) of a processor, read from its tokenizer."""
+
+    image_token: str
+    image_pad: int
+    vision_start: int
+    vision_end: int
+    im_end: int | None
+    pad: int
+    latent: LatentTokenIds
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> "LayoutTokens":
+        tok = processor.tokenizer
+        image_token = getattr(processor, "image_token", None) or "<|image_pad|>"
+
+        def tid(s: str, required: bool = True) -> int | None:
+            i = tok.convert_tokens_to_ids(s)
+            if i is None or (tok.unk_token_id is not None and i == tok.unk_token_id):
+                if required:
+                    raise ValueError(f"tokenizer has no token {s!r}")
+                return None
+            return int(i)
+
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return cls(image_token, tid(image_token), tid(VISION_START), tid(VISION_END), tid(IM_END, False),
+                   int(pad), LatentTokenIds.from_tokenizer(tok))
+
+    def segment_ids(self) -> dict[str, int]:
+        """Keyword arguments for :func:`monet.ops.latent_segments`."""
+        return dict(image_pad_id=self.image_pad, vision_start_id=self.vision_start,
+                    vision_end_id=self.vision_end, latent_start_id=self.latent.start,
+                    latent_pad_id=self.latent.pad)
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One image of the sequence: file, role, token cap and the resulting patch grid."""
+
+    file: str
+    role: Literal["question", "helper"]
+    max_tokens: int
+    grid_thw: tuple[int, int, int]
+
+
+@dataclass
+class StageExample:
+    """One tokenised sample of a stage (unpadded). ``pixel_values``/``image_grid_thw`` are
+    filled by :func:`load_pixels` (images in sequence order: question images, then helper
+    images)."""
+
+    key: str
+    stage: int
+    latent_size: int
+    input_ids: torch.Tensor  # [L] int64
+    labels: torch.Tensor  # [L] int64, IGNORE_INDEX where not a target
+    observation_mask: torch.Tensor  # [L] bool, tokens strictly inside observation spans
+    latent_mask: torch.Tensor  # [L] bool, latent PAD positions
+    answer_start: int  # first position of the assistant turn content
+    images: tuple[ImagePlan, ...] = ()
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None  # [n_images, 3] int64
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE_INDEX
+
+    @property
+    def latent_positions(self) -> torch.Tensor:
+        return self.latent_mask.nonzero().flatten()
+
+    @property
+    def observation_positions(self) -> torch.Tensor:
+        return self.observation_mask.nonzero().flatten()
+
+    def weights(self, ce_emphasize_factor: float) -> torch.Tensor:
+        """[L] float32: ``factor`` on targets inside observations, 1 on other targets, 0 elsewhere."""
+        w = self.target_mask.float()
+        return torch.where(self.observation_mask, w * float(ce_emphasize_factor), w)
+
+
+def _image_size(item: ImageItem) -> tuple[int, int]:
+    if item.size is not None:
+        return item.size
+    from PIL import Image
+
+    with Image.open(item.file) as im:
+        return im.size
+
+
+def _strip_placeholder(text: str) -> str:
+    """Text of the item before a helper image without its trailing placeholder."""
+    body = text.rstrip()
+    assert body.endswith(PLACEHOLDER), "sample was not validated (placeholder missing)"
+    return body[: -len(PLACEHOLDER)]
+
+
+def _assistant_items(turn: Turn, stage: int, latent_size: int) -> list[TextItem | ImageItem]:
+    block = LATENT_START + LATENT_PAD * latent_size + LATENT_END
+    items: list[TextItem | ImageItem] = []
+    content = turn.content
+    for i, c in enumerate(content):
+        nxt = content[i + 1] if i + 1 < len(content) else None
+        if isinstance(c, TextItem):
+            if isinstance(nxt, ImageItem):
+                text = _strip_placeholder(c.text)
+                if stage == 3:
+                    text += block
+                items.append(TextItem(text))
+            else:
+                items.append(c)
+        else:
+            if stage in (1, 2):
+                items.append(c)
+            if stage == 2:
+                items.append(TextItem(block))
+    return items
+
+
+def _chat(turns: list[tuple[str, list]]) -> list[dict]:
+    out = []
+    for role, items in turns:
+        content = [{"type": "image"} if isinstance(c, ImageItem) else {"type": "text", "text": c.text}
+                   for c in items]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _render(processor: Any, conversation: list[dict], generation_prompt: bool) -> str:
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+    if isinstance(text, list):
+        text = text[0]
+    return text
+
+
+def _expand(text: str, image_token: str, counts: list[int]) -> str:
+    parts = text.split(image_token)
+    if len(parts) != len(counts) + 1:
+        raise ValueError(f"chat template produced {len(parts) - 1} image tokens for {len(counts)} images")
+    out = [parts[0]]
+    for n, part in zip(counts, parts[1:]):
+        out.append(image_token * n)
+        out.append(part)
+    return "".join(out)
+
+
+def plan_images(
+    images: list[tuple[ImageItem, str]], processor: Any, budget: ImageBudget
+) -> tuple[ImagePlan, ...]:
+    geo = ProcessorGeometry.from_image_processor(processor.image_processor)
+    sizes = [_image_size(im) for im, _ in images]
+    caps = plan_image_tokens(sizes, budget, geo)
+    return tuple(ImagePlan(str(im.file), role, cap, geo.grid(w, h, cap))
+                 for (im, role), (w, h), cap in zip(images, sizes, caps))
+
+
+def build_stage_example(
+    sample: SFTSample,
+    processor: Any,
+    stage: int,
+    latent_size: int,
+    *,
+    budget: ImageBudget | None = None,
+    with_pixels: bool = True,
+    tokens: LayoutTokens | None = None,
+) -> StageExample:
+    """Tokenise a validated sample for ``stage`` (see the module docstring for the layout).
+
+    ``budget`` defaults to :data:`monet.data.image_budget.STAGE_BUDGETS` of the stage. With
+    ``with_pixels=False`` only image headers are read (grids are computed exactly as the image
+    processor will); call :func:`load_pixels` later.
+    """
+    check_stage(stage)
+    check_latent_size(latent_size)
+    budget = budget or stage_budget(stage)
+    tokens = tokens or LayoutTokens.from_processor(processor)
+    prompt_turns = [(t.role, list(t.content)) for t in sample.turns[:-1]]
+    answer_items = _assistant_items(sample.assistant, stage, latent_size)
+
+    images = [(c, "question") for _, items in prompt_turns for c in items if isinstance(c, ImageItem)]
+    images += [(c, "helper") for c in answer_items if isinstance(c, ImageItem)]
+    plans = plan_images(images, processor, budget)
+    geo = ProcessorGeometry.from_image_processor(processor.image_processor)
+    counts = [geo.tokens(p.grid_thw) for p in plans]
+    n_question = sum(1 for _, role in images if role == "question")
+
+    full = _render(processor, _chat(prompt_turns + [("assistant", answer_items)]), False)
+    prefix = _render(processor, _chat(prompt_turns), True)
+    tok = processor.tokenizer
+    ids = tok(_expand(full, tokens.image_token, counts), add_special_tokens=False)["input_ids"]
+    prefix_ids = tok(_expand(prefix, tokens.image_token, counts[:n_question]), add_special_tokens=False)["input_ids"]
+    if ids[: len(prefix_ids)] != prefix_ids:
+        raise ValueError(f"{sample.key}: the chat template's generation prompt is not a prefix of the "
+                         "rendered conversation; cannot locate the assistant turn")
+    answer_start = len(prefix_ids)
+
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    L = input_ids.shape[0]
+    pos = torch.arange(L)
+    lt = tokens.latent
+    end = L
+    if tokens.im_end is not None:
+        ends = ((input_ids == tokens.im_end) & (pos >= answer_start)).nonzero().flatten()
+        if ends.numel():
+            end = int(ends[-1]) + 1
+    in_answer = (pos >= answer_start) & (pos < end)
+    excluded = torch.tensor([tokens.image_pad, tokens.vision_start, tokens.vision_end, lt.pad, lt.end,
+                             lt.observation_start, lt.observation_end])
+    target = in_answer & ~torch.isin(input_ids, excluded)
+    labels = torch.where(target, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    obs_open = (input_ids == lt.observation_start).long().cumsum(0)
+    obs_close = (input_ids == lt.observation_end).long().cumsum(0)
+    observation_mask = ((obs_open - obs_close) > 0) & (input_ids != lt.observation_start) & in_answer
+    latent_mask = (input_ids == lt.pad) & (pos >= answer_start)
+
+    n_pads = int((input_ids == tokens.image_pad).sum())
+    if n_pads != sum(counts):
+        raise ValueError(f"{sample.key}: {n_pads} image pad tokens but the images need {sum(counts)}")
+    example = StageExample(sample.key, stage, latent_size, input_ids, labels, observation_mask,
+                           latent_mask, answer_start, plans)
+    return load_pixels(example, processor) if with_pixels else example
+
+
+def load_pixels(example: StageExample, processor: Any) -> StageExample:
+    """Return ``example`` with ``pixel_values``/``image_grid_thw`` computed by the processor's
+    image processor (one call per image, each with its own token cap)."""
+    if not example.images:
+        return replace(example, pixel_values=None, image_grid_thw=None)
+    from PIL import Image
+
+    ip = processor.image_processor
+    geo = ProcessorGeometry.from_image_processor(ip)
+    pixels, grids = [], []
+    for plan in example.images:
+        with Image.open(plan.file) as im:
+            rgb = im.convert("RGB")
+        out = ip(images=[rgb], return_tensors="pt",
+                 size={"shortest_edge": geo.min_pixels, "longest_edge": plan.max_tokens * geo.pixels_per_token})
+        grid = tuple(int(x) for x in out["image_grid_thw"][0])
+        if grid != tuple(plan.grid_thw):
+            raise ValueError(f"{example.key}: image {plan.file} now gives grid {grid}, planned "
+                             f"{tuple(plan.grid_thw)} (file changed since preprocessing?)")
+        pixels.append(out["pixel_values"])
+        grids.append(out["image_grid_thw"])
+    return replace(example, pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids).long())
