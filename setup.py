@@ -56,7 +56,7 @@ def extensions():
         f'-DMONET_VERSION="{VERSION}"',
         f'-DMONET_TORCH_VERSION="{torch.__version__}"',
     ]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", *define]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", *define]
     if not use_cuda:
         return [cpp_extension.CppExtension("monet._C", sources, extra_compile_args={"cxx": cxx},
                                            extra_link_args=["-fopenmp"])]
@@ -71,7 +71,7 @@ def extensions():
     define.append("-DMONET_WITH_CUDA")
     cxx.append("-DMONET_WITH_CUDA")
     cxx.append(f'-DMONET_CUDA_ARCHS="{archs}"')
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *gencode, *define]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", *gencode, *define]
     return [cpp_extension.CUDAExtension("monet._C", sources + ["csrc/latent_ops_cuda.cu"],
                                         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                                         extra_link_args=["-fopenmp"])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from monet.layout import check_latent_size
 from monet.ops import native, reference
 from monet.ops.reference import (
     KIND_HELPER_IMAGE,
@@ -100,7 +101,13 @@ def latent_embed_(
 
     Args: out [N, D]; token_ids [N] int64; slots [N] int64; remaining [S] int32;
     prev_hidden [S, D]; embed_weight [V, D] or None. Returns ``out``.
+
+    ``check_indices=False`` is the hot path: the Python checks are skipped and the kernel's own
+    shape/dtype checks (``RuntimeError: monet: ...``) remain.
     """
+    if not check_indices and not force_reference and native.available():
+        torch.ops.monet.latent_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight, latent_size)
+        return out
     _rows(out, "out")
     d = out.shape[1]
     _rows(prev_hidden, "prev_hidden", d)
@@ -151,10 +158,13 @@ def latent_advance_(
 
     Args: tokens [B] int64 (in place); hidden [B, D]; slots [B] int64; remaining [S] int32
     (in place); prev_hidden [S, D] contiguous (in place). Returns ``tokens``.
+    ``check_indices=False``: hot path as in :func:`latent_embed_`.
     """
-    from monet.layout import check_latent_size
-
     check_latent_size(latent_size)
+    if not check_indices and not force_reference and native.available():
+        torch.ops.monet.latent_advance_(tokens, hidden, slots, remaining, prev_hidden,
+                                        start_id, pad_id, end_id, latent_size, monet_v1)
+        return tokens
     _need(tokens.dim() == 1 and tokens.dtype == torch.int64, f"tokens must be int64 [B], got {tokens.dtype} {tuple(tokens.shape)}")
     _rows(prev_hidden, "prev_hidden")
     _need(prev_hidden.is_contiguous(), "prev_hidden must be contiguous")
