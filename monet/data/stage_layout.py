@@ -148,8 +148,10 @@ def _image_size(item: ImageItem) -> tuple[int, int]:
 
 def _strip_placeholder(text: str) -> str:
     """Text of the item before a helper image without its trailing placeholder."""
-    body = text.rstrip()
-    assert body.endswith(PLACEHOLDER), "sample was not validated (placeholder missing)"
+    body = text.rstrip()  # whitespace after the placeholder is dropped with it
+    if not body.endswith(PLACEHOLDER):
+        raise ValueError(f"helper image not preceded by a text ending in {PLACEHOLDER}; "
+                         "validate samples with monet.data.load_sft_dataset first")
     return body[: -len(PLACEHOLDER)]
 
 
