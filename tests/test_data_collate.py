@@ -101,3 +101,23 @@ def test_latent_batch_view_and_errors(processor, hand):
         StageCollator(processor)([no_pixels])
     with pytest.raises(ValueError, match="empty"):
         StageCollator(processor)([])
+
+
+def test_batches_run_through_the_latent_training_forward(processor, hand):
+    """Collated batches fit the training forward: image pads match the pixels, latent rows
+    and the stage-2 mask are accepted, and the weighted CE is finite."""
+    import monet
+    from monet.model.training import latent_forward
+    from monet.testing import build_tiny_checkpoint
+
+    model, _ = monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32")
+    for stage in (1, 2, 3):
+        batch = StageCollator(processor)(_examples(processor, hand, stage))
+        with torch.no_grad():
+            out = latent_forward(model, batch.to_latent_batch())
+        assert out.latents.shape[0] == int(batch.latent_mask.sum()) == (0 if stage == 1 else 3 * K)
+        logits = model.lm_head(out.hidden)[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="none")
+        w = batch.weights[:, 1:].flatten()
+        assert torch.isfinite((w * ce).sum() / w.sum())
