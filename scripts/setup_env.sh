@@ -15,7 +15,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MONET_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3.11}"
-WITH_VLLM="${MONET_WITH_VLLM:-0}"
+WITH_VLLM="${MONET_WITH_VLLM:-1}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 TORCH_PINS=(torch==2.13.0 torchvision==0.28.0 "transformers>=5.19,<5.20")

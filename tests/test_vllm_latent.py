@@ -1,0 +1,243 @@
+"""vLLM latent runner (monet.vllm.LatentLLM) against the HF decoder monet.generate, on CPU.
+
+One engine serves every test (latent size and layout are per request). It is deliberately cramped
+(small KV cache, few sequences, small token budget) so batches mix prefill chunks with decode steps,
+requests join and leave (condense/reorder of vLLM's persistent batch) and get preempted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import monet
+from latent_reference import full_hidden
+from monet.model.decoding import eos_token_ids
+from monet.model.requests import as_request, render_prompt
+from monet.render import SPAN_PLACEHOLDER
+from monet.testing import build_tiny_checkpoint, synthetic_image
+
+pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
+
+from monet.vllm import LatentLLM  # noqa: E402
+
+ENGINE = dict(
+    dtype="float32",  # greedy parity with the HF path needs fp32
+    max_model_len=320,
+    enforce_eager=True,
+    limit_mm_per_prompt={"image": 2},
+    block_size=32,
+    num_gpu_blocks_override=16,  # 512 KV slots in all: long batches get preempted
+    kv_cache_memory_bytes=64 << 20,
+    max_num_seqs=6,
+    max_num_batched_tokens=128,  # prompts are prefilled in chunks next to running decodes
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def path():
+    return build_tiny_checkpoint(cache=True)
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    return monet.load_model(path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    engine = LatentLLM(path, latent_size=4, **ENGINE)
+    yield engine
+    engine.shutdown()
+
+
+def mixed_requests():
+    """0, 1 and 2 images, different prompt lengths, two prompts ending in START."""
+    return [
+        monet.LatentRequest(prompt="What is here?", images=[synthetic_image(0)]),
+        monet.LatentRequest(prompt="hello", force_latent=True),
+        monet.LatentRequest(prompt="Describe the two pictures in detail please.",
+                            images=[synthetic_image(1), synthetic_image(2, size=(84, 56))]),
+        monet.LatentRequest(prompt="a b c d e f g"),
+        monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True),
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": synthetic_image(4)},
+                                                   {"type": "text", "text": "zzz"}]}]},
+        monet.LatentRequest(prompt="one more plain question about nothing at all"),
+    ]
+
+
+def assert_same(vllm_outs, hf_outs, *, rtol=1e-4):
+    assert len(vllm_outs) == len(hf_outs)
+    for i, (a, b) in enumerate(zip(vllm_outs, hf_outs)):
+        assert a.token_ids == b.token_ids, f"request {i}"
+        assert a.latent_positions == b.latent_positions, f"request {i}"
+        assert a.finish_reason == b.finish_reason, f"request {i}"
+        assert a.text == b.text and a.rendered == b.rendered, f"request {i}"
+        if b.latents is not None:
+            assert a.latents is not None and a.latents.shape == b.latents.shape, f"request {i}"
+            torch.testing.assert_close(a.latents, b.latents, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_greedy_matches_hf(llm, hf, layout, K):
+    model, processor = hf
+    bias = {model.monet_config.token_ids.start: 0.5}  # spans open at different steps per request
+    kw = dict(max_new_tokens=24, latent_size=K, layout=layout, logit_bias=bias, return_latents=True)
+    reqs = mixed_requests()
+    ours = llm.generate(reqs, **kw)
+    ref = monet.generate(model, processor, reqs, **kw)
+    assert_same(ours, ref)
+    first = {o.latent_positions[0] if o.latent_positions else None for o in ours}
+    assert 0 in first and len(first - {None}) >= 2, first  # mixed: entering latent mode at different steps
+    assert sum(len(o.latent_positions) for o in ours) > 2 * K
+
+
+def test_batch_reordering_and_slot_reuse(llm, hf):
+    """More requests than max_num_seqs, finishing at different steps: requests join, leave and move."""
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    eos = eos_token_ids(model, processor.tokenizer)
+    reqs = mixed_requests() + list(reversed(mixed_requests()))  # 14 requests, 6 run at a time
+    kw = dict(max_new_tokens=20, latent_size=2, layout="standard", return_latents=True,
+              logit_bias={ids.start: 0.5, eos[0]: 0.6})  # some requests end early (EOS), others run on
+    ours = llm.generate(reqs, **kw)
+    ref = monet.generate(model, processor, reqs, **kw)
+    assert_same(ours, ref)
+    assert len({len(o.token_ids) for o in ours}) > 1  # requests left the batch at different steps
+    assert llm.stats()["live_requests"] <= llm.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+
+
+def test_preemption_refeeds_latents(llm, hf):
+    """Long generations overflow the KV cache: requests are preempted and recomputed, their stored
+    latents re-fed at the recomputed latent positions, and the output is unchanged."""
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    before = llm.stats()
+    reqs = [monet.LatentRequest(prompt=f"story number {i}", force_latent=True) for i in range(6)]
+    kw = dict(max_new_tokens=110, latent_size=3, layout="monet-v1", return_latents=True, logit_bias={ids.start: 1.0})
+    ours = llm.generate(reqs, **kw)
+    after = llm.stats()
+    assert after["resumed_with_outputs"] > before["resumed_with_outputs"], "no request was preempted"
+    assert after["refed_latents"] > before["refed_latents"], "no latent was re-fed after preemption"
+    ref = monet.generate(model, processor, reqs, **kw)
+    assert_same(ours, ref)
+
+
+def test_prefix_cache_hits_keep_spans(llm, hf):
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    kw = dict(max_new_tokens=16, latent_size=4, layout="standard", return_latents=True, logit_bias={ids.start: 0.5})
+    reqs = mixed_requests()[:4]
+    long_req = monet.LatentRequest(prompt="shared prefix " * 12 + "end", force_latent=True)
+    first = llm.generate(reqs + [long_req], **kw)
+    again = llm.generate(reqs + [long_req], **kw)
+    assert_same(again, first, rtol=1e-5)
+    ref = monet.generate(model, processor, reqs + [long_req], **kw)
+    assert_same(again, ref)
+    # vLLM reports the cache hits per request: the same prompt again hits the cached blocks
+    from vllm import SamplingParams
+
+    from monet.vllm.llm import cache_salt
+
+    text, _ = render_prompt(processor, long_req)
+    out = llm.llm.generate([{"prompt": text, "cache_salt": cache_salt(text, 4, "standard")}],
+                           SamplingParams(max_tokens=1, extra_args={"monet": {"latent_size": 4}}), use_tqdm=False)
+    assert out[0].num_cached_tokens and out[0].num_cached_tokens >= 32
+
+
+def test_prompt_with_latent_tokens_as_text(llm, hf):
+    """A prompt holding a generated span as text (PAD tokens embedded normally, as in monet.generate)
+    must not reuse cached blocks in which those positions were latents."""
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    base = monet.LatentRequest(prompt="hello", force_latent=True)
+    kw = dict(max_new_tokens=12, latent_size=2, layout="standard")
+    gen = llm.generate([base], **kw)[0]
+    text, _ = render_prompt(processor, base)
+    follow = monet.LatentRequest(prompt=text + processor.tokenizer.decode(gen.token_ids), raw_prompt=True)
+    ours = llm.generate([follow], **kw, logit_bias={ids.start: 0.5})
+    ref = monet.generate(model, processor, [follow], **kw, logit_bias={ids.start: 0.5})
+    assert_same(ours, ref)
+
+
+def assert_latents_are_fed_back(model, processor, request, out, rtol=1e-4):
+    """Recompute the whole sequence in one HF forward with the returned latents at their positions:
+    each latent must be the final-norm hidden state of the position before it."""
+    text, images = render_prompt(processor, as_request(request))
+    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    prompt = enc["input_ids"][0].tolist()
+    n = len(prompt)
+    assert out.num_prompt_tokens == n
+    lat = {n + p: out.latents[k] for k, p in enumerate(out.latent_positions)}
+    with torch.no_grad():
+        h = full_hidden(model, prompt + out.token_ids, lat, enc.get("pixel_values"), enc.get("image_grid_thw"))
+    want = torch.stack([h[n + p - 1] for p in out.latent_positions])
+    torch.testing.assert_close(out.latents, want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+def test_n_samples(llm, hf, layout):
+    """n > 1 sampling (vLLM fans a request out into n child requests sharing the prompt's KV blocks)."""
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    K = 3
+    reqs = mixed_requests()[:3]
+    sampled = llm.generate(reqs, n=3, max_new_tokens=30, latent_size=K, layout=layout, temperature=1.0, seed=3,
+                           top_k=50, top_p=0.9, logit_bias={ids.start: 3.0}, return_latents=True)
+    assert len(sampled) == 9
+    n_spans = 0
+    n_pad = K if layout == "standard" else K - 1
+    for j, out in enumerate(sampled):
+        toks = out.token_ids
+        assert len(out.latent_positions) == out.latents.shape[0]
+        for i, t in enumerate(toks):
+            if t == ids.start and i + n_pad + 1 < len(toks):
+                assert toks[i + 1:i + 1 + n_pad] == [ids.pad] * n_pad and toks[i + 1 + n_pad] == ids.end
+                n_spans += 1
+        assert_latents_are_fed_back(model, processor, reqs[j // 3], out)
+    assert n_spans > 0
+    assert len({tuple(o.token_ids) for o in sampled}) > 3  # samples differ
+
+
+def test_eos_cannot_end_a_span(llm, hf):
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    eos = eos_token_ids(model, processor.tokenizer)
+    K = 4
+    outs = llm.generate([monet.LatentRequest(prompt="hi", force_latent=True)] * 3, max_new_tokens=30, latent_size=K,
+                        temperature=1.0, seed=0, logit_bias={e: 50.0 for e in eos}, return_latents=True)
+    for out in outs:
+        assert out.token_ids[:K + 1] == [ids.pad] * K + [ids.end]
+        assert out.token_ids[K + 1] in eos and len(out.token_ids) == K + 2
+        assert out.finish_reason == "stop"
+        assert out.latent_positions == list(range(K)) and out.latents.shape[0] == K
+        assert out.rendered.startswith(SPAN_PLACEHOLDER)
+
+
+def test_nothing_kept_for_finished_requests(llm):
+    llm.generate(["a", "b"], max_new_tokens=2)  # lets the worker see the previous requests finish
+    llm.generate(["c"], max_new_tokens=1)
+    stats = llm.stats()
+    assert stats["live_requests"] <= 1 and stats["stored_results"] == 0 and stats["tags"] == 0
+
+
+def test_request_errors(llm):
+    with pytest.raises(ValueError, match="latent_size must be >= 1"):
+        llm.generate("hi", latent_size=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        llm.generate("hi", layout="v2")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.generate("hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="exactly one of prompt or messages"):
+        llm.generate({"images": []})
+
+
+def test_engine_refuses_unsupported_features(path):
+    with pytest.raises(ValueError, match="speculative decoding"):
+        LatentLLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="pipeline parallelism"):
+        LatentLLM(path, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="worker_cls"):
+        LatentLLM(path, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
