@@ -58,10 +58,116 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sft(sub) -> None:
+    p = sub.add_parser("sft", help="train one SFT stage (1, 2 or 3) from a YAML config")
+    p.add_argument("--config", required=True, help="YAML file with SFTConfig fields")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], default=None, help="overrides the config's stage")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_sft)
+
+
+def _load_config(args: argparse.Namespace):
+    from monet.train.config import SFTConfig, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    if getattr(args, "stage", None) is not None:
+        overrides["stage"] = args.stage
+    return SFTConfig.from_yaml(args.config, overrides)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from monet.train.pipeline import run_sft
+
+    run_sft(_load_config(args), resume=args.resume, device=args.device)
+    return 0
+
+
+def _add_precompute(sub) -> None:
+    p = sub.add_parser("precompute", help="write teacher states for stage 2 (teacher-reps) or 3 (teacher-latents)")
+    p.add_argument("what", choices=["teacher-reps", "teacher-latents"])
+    p.add_argument("--config", required=True, help="YAML with model (the teacher), data, image_root, latent_size")
+    p.add_argument("--out", required=True, help="teacher store directory (resumable)")
+    p.add_argument("--layers", default=None, help="comma-separated hidden-state layers to keep (default: all)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_cmd_precompute)
+
+
+def _cmd_precompute(args: argparse.Namespace) -> int:
+    from monet.train.pipeline import run_precompute
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    run_precompute(_load_config(args), args.what, args.out, layers=layers, dtype=args.dtype,
+                   batch_size=args.batch_size, device=args.device)
+    return 0
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="write the synthetic zoom-in dataset (Monet-SFT format + eval split)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--n", type=int, required=True, help="training samples")
+    synth.add_argument("--n-eval", type=int, default=100, help="held-out samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_data_synth)
+    check = dsub.add_parser("check", help="validate Monet-SFT JSON files and report rejected samples")
+    check.add_argument("files", nargs="+")
+    check.add_argument("--image-root", default=None)
+    check.set_defaults(func=_cmd_data_check)
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from monet.data.synth import synthesize_dataset
+
+    d = synthesize_dataset(args.out, args.n, args.n_eval, args.seed)
+    print(f"wrote {d.n} training samples to {d.train_json} and {d.n_eval} held-out samples to {d.eval_json}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from monet.data.sft_loader import load_sft_dataset
+
+    samples, report = load_sft_dataset(args.files, args.image_root)
+    print(report.summary())
+    return 0 if not report.rejections else 1
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="the embedded default: synthetic data -> 3 SFT stages -> evaluation (CPU)")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (data, checkpoints, report)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-eval", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a few steps per stage (smoke run)")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from monet.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings.default(fast=args.fast, preset=args.preset, seed=args.seed)
+    if args.n_train is not None:
+        settings.n_train = args.n_train
+    if args.n_eval is not None:
+        settings.n_eval = args.n_eval
+    run_quickstart(args.out, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monet", description="Latent visual reasoning for Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_sft(sub)
+    _add_precompute(sub)
+    _add_data(sub)
+    _add_quickstart(sub)
     return parser
 
 

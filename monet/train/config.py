@@ -1,0 +1,131 @@
+"""SFT configuration: one dataclass, loadable from YAML and overridable from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from monet.data.stage_layout import DEFAULT_CE_EMPHASIZE
+
+
+@dataclass
+class SFTConfig:
+    """Settings of one SFT stage (SPEC section 5). Paths may be relative to the YAML file.
+
+    ``teacher``: ``"store"`` reads precomputed states from ``teacher_store``; ``"online"`` runs
+    ``teacher_model`` (stage 2: the stage-1 model on the stage-1 layout; stage 3: the stage-2 model
+    on the stage-2 layout) in the same step; ``"none"`` trains with CE only.
+    """
+
+    stage: int
+    model: str
+    data: list[str]
+    image_root: str | None = None
+    output_dir: str = "runs/sft"
+    latent_size: int = 8
+    # optimisation
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: str = "constant"  # "constant" after warm-up, or "cosine"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    grad_accum: int = 16
+    max_grad_norm: float | None = 1.0
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = True
+    freeze_vision: bool = True
+    seed: int = 0
+    # losses
+    ce_emphasize_factor: float | None = None  # None: 2 (stage 1) / 4 (stages 2-3)
+    ce_chunk_size: int = 1024
+    alignment_weight: float = 2.0
+    emphasize_latent_weight: float = 2.0
+    align_through_latents_only: bool = True  # stage 2: alignment gradient reaches weights via latents
+    alignment_axis: str = "hidden"
+    alignment_layers: list[int] | None = None  # None: all hidden-state layers (embeddings + every layer)
+    teacher: str = "store"
+    teacher_store: str | None = None
+    teacher_model: str | None = None
+    # images (units of 28x28 pixels); None: the stage default
+    max_image_tokens_total: int | None = None
+    max_image_tokens_per_image: int | None = None
+    # bookkeeping
+    log_every: int = 10
+    save_every: int | None = None  # optimizer steps; None: only at the end
+    keep_last: int | None = 2
+    cache_dir: str | None = None
+    tensorboard: bool = False
+    deepspeed: str | None = None
+    attn_implementation: str = "sdpa"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage!r}")
+        if isinstance(self.data, (str, os.PathLike)):
+            self.data = [str(self.data)]
+        if self.teacher not in ("store", "online", "none"):
+            raise ValueError(f"teacher must be 'store', 'online' or 'none', got {self.teacher!r}")
+        if self.stage > 1 and self.teacher == "store" and not self.teacher_store:
+            raise ValueError(f"stage {self.stage} with teacher='store' needs teacher_store (a directory written by "
+                             f"`monet precompute teacher-{'reps' if self.stage == 2 else 'latents'}`)")
+        if self.stage > 1 and self.teacher == "online" and not self.teacher_model:
+            raise ValueError(f"stage {self.stage} with teacher='online' needs teacher_model")
+        if self.alignment_axis not in ("hidden", "token"):
+            raise ValueError(f"alignment_axis must be 'hidden' or 'token', got {self.alignment_axis!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("micro_batch_size", "grad_accum", "latent_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def ce_factor(self) -> float:
+        return self.ce_emphasize_factor if self.ce_emphasize_factor is not None else DEFAULT_CE_EMPHASIZE[self.stage]
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "SFTConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+        raw.update(overrides or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}")
+        base = path.parent
+        for key in ("model", "image_root", "output_dir", "teacher_store", "teacher_model", "cache_dir", "deepspeed"):
+            if raw.get(key):
+                raw[key] = _relative_to(base, raw[key])
+        if raw.get("data"):
+            raw["data"] = [_relative_to(base, p) for p in ([raw["data"]] if isinstance(raw["data"], str) else raw["data"])]
+        return cls(**raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def _relative_to(base: Path, p: str) -> str:
+    q = Path(os.path.expanduser(p))
+    return str(q if q.is_absolute() else (base / q))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=2e-5", "max_steps=10"]`` -> typed dict (values parsed as YAML scalars)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out

@@ -1,0 +1,349 @@
+"""SFT trainer for the three Monet stages (SPEC section 5).
+
+Per micro-batch: the latent training forward (:func:`monet.model.training.latent_forward`),
+weighted CE (fp32, chunked), and the stage's alignment term:
+
+* stage 1: CE only (helper images are real images; causal mask);
+* stage 2: CE + ``alignment_weight`` x alignment(student all-layer states at observation
+  positions, teacher reps); by default the alignment gradient reaches the weights only through
+  the latents, scaled by ``emphasize_latent_weight``; stage-2 attention mask;
+* stage 3: CE + ``alignment_weight`` x alignment(student states at latent positions, teacher
+  latents); causal mask.
+
+Gradient accumulation normalises CE by the weight sum of the whole optimizer step (all
+micro-batches, all ranks), so the loss does not depend on how a global batch is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from monet.data.collate import StageBatch, StageCollator
+from monet.model.training import latent_forward
+from monet.train.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from monet.train.config import SFTConfig
+from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
+from monet.train.metrics import MetricsLogger
+
+#: Which positions each stage aligns, and the teacher-store kind it reads.
+ALIGN_POSITIONS = {2: "observation", 3: "latent"}
+STORE_KIND = {2: "observation_reps", 3: "latents"}
+#: The layout the online teacher runs for each student stage.
+TEACHER_LAYOUT = {2: 1, 3: 2}
+
+
+def example_key(examples: Any, i: int) -> str:
+    """Key of example ``i`` without loading its pixels when the dataset can avoid it."""
+    if hasattr(examples, "example"):
+        return examples.example(i, with_pixels=False).key
+    return examples[i].key
+
+
+def aligned_positions(batch: StageBatch, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch_index, position)`` of the observation or latent positions, row-major."""
+    mask = batch.observation_mask if which == "observation" else batch.latent_mask
+    return mask.nonzero(as_tuple=True)
+
+
+def aligned_counts(batch: StageBatch, which: str) -> list[int]:
+    mask = batch.observation_mask if which == "observation" else batch.latent_mask
+    return mask.sum(1).tolist()
+
+
+@dataclass
+class StepLosses:
+    loss: float
+    ce: float
+    alignment: float | None
+    grad_norm: float | None
+    lr: float
+    tokens: int
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype in ("bfloat16", "bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype in ("float32", "fp32"):
+        return nullcontext()
+    raise ValueError(f"dtype must be 'bfloat16' (mixed precision, fp32 master weights) or 'float32', got {dtype!r}")
+
+
+class TeacherSource:
+    """Teacher states per micro-batch: from a store, or computed online by a frozen model."""
+
+    def __init__(self, cfg: SFTConfig, layers: list[int] | None, device: torch.device,
+                 online_examples: Any = None, processor: Any = None):
+        self.cfg, self.layers, self.device = cfg, layers, device
+        self.which = ALIGN_POSITIONS[cfg.stage]
+        self.store = self.model = None
+        if cfg.teacher == "store":
+            from monet.train.teacher_store import TeacherStore
+
+            self.store = TeacherStore(cfg.teacher_store)
+        elif cfg.teacher == "online":
+            from monet.model.loading import load_model
+
+            self.model, _ = load_model(cfg.teacher_model, dtype="float32", device=device,
+                                       attn_implementation=cfg.attn_implementation, latent_size=cfg.latent_size)
+            self.model.requires_grad_(False)
+            if online_examples is None:
+                raise ValueError("teacher='online' needs the teacher-layout examples")
+            self.examples = online_examples
+            self.index = {example_key(online_examples, i): i for i in range(len(online_examples))}
+            self.collate = StageCollator(processor)
+
+    @torch.no_grad()
+    def states(self, batch: StageBatch) -> torch.Tensor:
+        """[layers, P, D] in the row-major order of the batch's aligned positions."""
+        counts = aligned_counts(batch, self.which)
+        if self.store is not None:
+            parts = [self.store.get(k, layers=self.layers, expected_positions=n, dtype=torch.float32)
+                     for k, n in zip(batch.keys, counts)]
+            return torch.cat(parts, dim=1).to(self.device)
+        tstage = TEACHER_LAYOUT[self.cfg.stage]
+        missing = [k for k in batch.keys if k not in self.index]
+        if missing:
+            raise KeyError(f"online teacher has no stage-{tstage} layout for samples {missing}")
+        tb = self.collate([self.examples[self.index[k]] for k in batch.keys]).to(self.device)
+        tcounts = aligned_counts(tb, self.which)
+        if tcounts != counts:
+            raise ValueError(f"teacher layout has {tcounts} {self.which} positions per sample, student {counts} "
+                             f"(samples {batch.keys})")
+        out = latent_forward(self.model, tb.to_latent_batch(), capture=aligned_positions(tb, self.which),
+                             capture_layers=self.layers)
+        return out.captured.float()
+
+
+def micro_batch_losses(model: Any, batch: StageBatch, cfg: SFTConfig, teacher: TeacherSource | None,
+                       ce_weight_total: torch.Tensor, n_micro: int, world_size: int = 1) -> tuple[torch.Tensor, dict]:
+    """Loss to backpropagate for one micro-batch, and its logged parts.
+
+    Gradients are summed over micro-batches and ranks, so CE is divided by the CE weight sum of
+    the whole optimizer step (``ce_weight_total``, all ranks) and the alignment mean by the number
+    of micro-batches times ranks.
+    """
+    which = ALIGN_POSITIONS.get(cfg.stage)
+    use_align = which is not None and teacher is not None and cfg.alignment_weight > 0
+    capture = aligned_positions(batch, which) if use_align else None
+    out = latent_forward(model, batch.to_latent_batch(), capture=capture, capture_layers=cfg.alignment_layers)
+    head = model.get_output_embeddings().weight
+    ce_sum, _ = weighted_ce_sum(out.hidden, head, batch.labels, batch.weights, chunk_size=cfg.ce_chunk_size)
+    loss = ce_sum / ce_weight_total
+    parts = {"ce_sum": float(ce_sum.detach())}
+    if use_align:
+        align = alignment_loss(out.captured, teacher.states(batch), cfg.alignment_axis)
+        weighted = cfg.alignment_weight * align / (n_micro * world_size)
+        if cfg.stage == 2 and cfg.align_through_latents_only:
+            if out.latent_source is None:
+                raise ValueError(f"stage 2 batch {batch.keys} has no latent positions to route the alignment through")
+            loss = loss + route_through_latents(weighted, out.latent_source, cfg.emphasize_latent_weight)
+        else:
+            loss = loss + weighted
+        parts["alignment"] = float(align.detach())
+    return loss, parts
+
+
+def lr_lambda(cfg: SFTConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "cosine":
+            span = max(1, total_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+        return 1.0
+    return f
+
+
+def epoch_order(n: int, epoch: int, seed: int, dist_info: DistInfo, micro_batch_size: int) -> list[list[int]]:
+    """Micro-batches (lists of example indices) of this rank for ``epoch``: a seeded permutation,
+    dealt round-robin to ranks, truncated so every rank gets the same number of micro-batches."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = n // dist_info.world_size
+    mine = perm[dist_info.rank::dist_info.world_size][:per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+class SFTTrainer:
+    """Runs one SFT stage. ``examples``: a map-style dataset of
+    :class:`monet.data.stage_layout.StageExample` (e.g. :class:`monet.data.preprocess_cache.PreprocessedDataset`)
+    in the stage layout; ``teacher_examples`` (online teacher) the same samples in the teacher's
+    layout, with a ``keys`` list."""
+
+    def __init__(self, cfg: SFTConfig, model: Any, processor: Any, examples: Sequence[Any], *,
+                 teacher_examples: Any = None, device: torch.device | str = "cpu",
+                 progress: bool = True, printer: Callable[[str], None] = print):
+        self.cfg, self.model, self.processor = cfg, model, processor
+        self.examples = examples
+        if len(examples) == 0:
+            raise ValueError("no training examples (all samples rejected, or an empty dataset)")
+        self.device = torch.device(device)
+        self.dist = init_distributed(self.device)
+        self.progress, self.printer = progress and self.dist.is_main, printer
+        if cfg.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device).train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.micro_per_epoch = len(epoch_order(len(self.examples), 0, cfg.seed, self.dist, cfg.micro_batch_size))
+        steps_per_epoch = max(1, self.micro_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        if self.dist.enabled:  # same initial weights on every rank
+            for p in model.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        self.teacher = None
+        if cfg.stage > 1 and cfg.teacher != "none":
+            self.teacher = TeacherSource(cfg, cfg.alignment_layers, self.device, teacher_examples, processor)
+        self.collate = StageCollator(processor, ce_emphasize_factor=cfg.ce_factor)
+        self.step, self.epoch, self.micro_index = 0, 0, 0
+        self.metrics = MetricsLogger(cfg.output_dir, every=cfg.log_every, enabled=self.dist.is_main,
+                                     tensorboard=cfg.tensorboard, printer=printer)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "world_size": self.dist.world_size}
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(self.cfg.output_dir, self.step, model=self.model, processor=self.processor,
+                                   trainer_state=self.state_dict(), config_yaml=self.cfg.to_yaml(),
+                                   keep_last=self.cfg.keep_last)
+        barrier(self.dist)
+        return path
+
+    def resume(self, checkpoint: str | Path | None = None) -> bool:
+        """Restore weights, optimizer, scheduler, RNG and data position from ``checkpoint`` (default:
+        the latest in ``output_dir``). Returns False when there is nothing to resume."""
+        ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(self.cfg.output_dir)
+        if ckpt is None:
+            return False
+        state = load_trainer_state(ckpt)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"{ckpt} was written with world size {state['world_size']}, now {self.dist.world_size}; "
+                             "the data order would differ")
+        fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(fresh.state_dict())
+        del fresh
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.epoch, self.micro_index = state["step"], state["epoch"], state["micro_index"]
+        if self.dist.is_main:
+            self.printer(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro_index})")
+        return True
+
+    # -- training ------------------------------------------------------------------------------
+    def _batch(self, idx: list[int]) -> StageBatch:
+        batch = self.collate([self.examples[i] for i in idx])
+        if batch.stage != self.cfg.stage:
+            raise ValueError(f"examples are stage {batch.stage} layouts but the config trains stage {self.cfg.stage}")
+        return batch.to(self.device)
+
+    def _next_indices(self) -> list[int]:
+        """Example indices of the next micro-batch; advances (epoch, micro_index)."""
+        if self.micro_index >= self.micro_per_epoch:
+            self.epoch, self.micro_index = self.epoch + 1, 0
+        if getattr(self, "_order_epoch", None) != self.epoch:
+            self._order = epoch_order(len(self.examples), self.epoch, self.cfg.seed, self.dist, self.cfg.micro_batch_size)
+            self._order_epoch = self.epoch
+        idx = self._order[self.micro_index]
+        self.micro_index += 1
+        return idx
+
+    def train_step(self, micro: list[StageBatch]) -> StepLosses:
+        cfg = self.cfg
+        local_w = sum(float(b.weights[:, 1:][b.labels[:, 1:] != -100].sum()) for b in micro)
+        w_total = all_reduce_sum(torch.tensor(local_w, dtype=torch.float64), self.dist).float().clamp_min(1e-12)
+        ce_total, align_vals, tokens = 0.0, [], 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in micro:
+            with autocast_context(self.device, cfg.dtype):
+                loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
+                                                 len(micro), self.dist.world_size)
+            loss.backward()
+            ce_total += parts["ce_sum"]
+            if "alignment" in parts:
+                align_vals.append(parts["alignment"])
+            tokens += int(batch.attention_mask.sum())
+        if self.dist.enabled:  # data parallel: sum gradients over ranks (losses are globally normalised)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+        grad_norm = None
+        if cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        ce = float(all_reduce_sum(torch.tensor(ce_total, dtype=torch.float64), self.dist)) / float(w_total)
+        align = sum(align_vals) / len(align_vals) if align_vals else None
+        total = ce + (cfg.alignment_weight * align if align is not None else 0.0)
+        return StepLosses(total, ce, align, grad_norm, lr, tokens)
+
+    def replica_checksums(self) -> list[str]:
+        """SHA-256 of this rank's trainable weights, gathered from every rank (rank order)."""
+        h = hashlib.sha256()
+        for p in self.params:
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        mine = h.hexdigest()[:16]
+        if not self.dist.enabled:
+            return [mine]
+        out: list[str] = [""] * self.dist.world_size
+        torch.distributed.all_gather_object(out, mine)
+        return out
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"sft stage {cfg.stage}", disable=not self.progress)
+        while self.step < self.total_steps:
+            micro = [self._batch(self._next_indices()) for _ in range(cfg.grad_accum)]
+            out = self.train_step(micro)
+            self.step += 1
+            row = {"loss": out.loss, "ce": out.ce, "lr": out.lr, "tokens": out.tokens}
+            if out.alignment is not None:
+                row["alignment"] = out.alignment
+            if out.grad_norm is not None:
+                row["grad_norm"] = out.grad_norm
+            self.metrics.log(self.step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.loss:.4f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        bar.close()
+        final = self.save()
+        self.metrics.close()
+        summary = {"stage": cfg.stage, "steps": self.step, "seconds": time.perf_counter() - t0,
+                   "checkpoint": str(final) if final else None, "metrics": self.metrics.summary(),
+                   "replica_checksums": self.replica_checksums()}
+        if len(set(summary["replica_checksums"])) > 1:
+            raise RuntimeError(f"data-parallel replicas diverged: weight checksums {summary['replica_checksums']}")
+        if self.dist.is_main:
+            self.printer(format_summary(summary))
+        return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"stage {summary['stage']}: {summary['steps']} steps in {summary['seconds']:.1f} s"
+             + (f" -> {summary['checkpoint']}" if summary.get("checkpoint") else "")]
+    for k, v in summary["metrics"].items():
+        if k in ("loss", "ce", "alignment", "grad_norm"):
+            lines.append(f"  {k:<10} first {v['first']:.4f}  last {v['last']:.4f}  mean {v['mean']:.4f}")
+    return "\n".join(lines)
