@@ -4,6 +4,6 @@ setup:
 test: setup
 	.venv/bin/python -m pytest tests -q
 demo: setup
-	.venv/bin/python -m monet.demo
+	.venv/bin/python -m monet.cli quickstart --out runs/quickstart
 bench: setup
-	.venv/bin/python -m pytest benchmarks -q --benchmark-json=benchmarks/results_ops.json
+	.venv/bin/python -m pytest benchmarks -q
