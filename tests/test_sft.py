@@ -151,3 +151,27 @@ def test_torchrun_two_ranks_end_with_identical_weights(setup, tmp_path):
     start = _weights(ckpt)
     end = _weights(out / "checkpoint-2")
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_deepspeed_zero2_matches_plain_data_parallel(setup, tmp_path):
+    """torchrun x2: the DeepSpeed ZeRO-2 path and our own data-parallel path end at the same weights."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
+    root, data, ckpt = setup
+    repo = Path(__file__).resolve().parents[1]
+    finals = {}
+    for name, ds in (("plain", None), ("zero2", str(repo / "scripts" / "deepspeed" / "zero2.json"))):
+        cfg = config(root, data, ckpt, 2, name, max_steps=2, micro_batch_size=1, grad_accum=2, deepspeed=ds)
+        cfg = replace(cfg, output_dir=str(tmp_path / name))
+        (tmp_path / f"{name}.yaml").write_text(cfg.to_yaml())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               "-m", "monet.cli", "sft", "--config", str(tmp_path / f"{name}.yaml"), "--device", "cpu"]
+        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        finals[name] = _weights(tmp_path / name / "checkpoint-2")
+    start = _weights(ckpt)
+    changed = 0
+    for k in finals["plain"]:
+        torch.testing.assert_close(finals["zero2"][k], finals["plain"][k], rtol=1e-4, atol=1e-6)
+        changed += not torch.equal(finals["plain"][k], start[k])
+    assert changed > 10

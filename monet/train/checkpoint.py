@@ -42,13 +42,23 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """A fixed temporary folder for ``checkpoint-STEP`` that every rank can name (for collective
+    writers such as DeepSpeed's) before rank 0 renames it into place."""
+    return Path(output_dir) / f".checkpoint-{step}.staging"
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
-                    trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it. Returns its path."""
+                    trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None,
+                    staged: Path | None = None) -> Path:
+    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it. Returns its path.
+
+    ``staged``: a folder (see :func:`staging_dir`) that already holds parts written by other
+    writers; it is completed and renamed instead of a fresh temporary folder."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
+    tmp = staged if staged is not None else Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
     try:
         model.save_pretrained(tmp)
         if processor is not None:

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from monet.data.collate import StageBatch, StageCollator
 from monet.model.training import latent_forward
-from monet.train.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from monet.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    staging_dir,
+)
 from monet.train.config import SFTConfig
 from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
@@ -201,7 +208,12 @@ class SFTTrainer:
         steps_per_epoch = max(1, self.micro_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
-        if self.dist.enabled:  # same initial weights on every rank
+        self.engine = None
+        if cfg.deepspeed:
+            from monet.train.deepspeed_engine import init_engine
+
+            self.engine = init_engine(cfg, model, self.optimizer, self.scheduler)
+        elif self.dist.enabled:  # same initial weights on every rank
             for p in model.parameters():
                 torch.distributed.broadcast(p.data, src=0)
         self.teacher = None
@@ -219,13 +231,26 @@ class SFTTrainer:
                 "rng": rng_state(), "world_size": self.dist.world_size}
 
     def save(self) -> Path | None:
-        path = None
-        if self.dist.is_main:
-            path = save_checkpoint(self.cfg.output_dir, self.step, model=self.model, processor=self.processor,
-                                   trainer_state=self.state_dict(), config_yaml=self.cfg.to_yaml(),
-                                   keep_last=self.cfg.keep_last)
+        path, staged, state = None, None, self.state_dict()
+        if self.engine is not None:  # collective: every rank writes its optimizer shard
+            staged = staging_dir(self.cfg.output_dir, self.step)
+            self.engine.save_checkpoint(str(staged / "deepspeed"), tag="state")
+            state.pop("optimizer"), state.pop("scheduler")
+        with self._full_weights():
+            if self.dist.is_main:
+                path = save_checkpoint(self.cfg.output_dir, self.step, model=self.model, processor=self.processor,
+                                       trainer_state=state, config_yaml=self.cfg.to_yaml(),
+                                       keep_last=self.cfg.keep_last, staged=staged)
         barrier(self.dist)
         return path
+
+    def _full_weights(self):
+        """Gather ZeRO-3 partitioned parameters for saving (a no-op otherwise)."""
+        if self.engine is not None and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+        return nullcontext()
 
     def resume(self, checkpoint: str | Path | None = None) -> bool:
         """Restore weights, optimizer, scheduler, RNG and data position from ``checkpoint`` (default:
@@ -237,11 +262,14 @@ class SFTTrainer:
         if state.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"{ckpt} was written with world size {state['world_size']}, now {self.dist.world_size}; "
                              "the data order would differ")
-        fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(fresh.state_dict())
-        del fresh
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+        else:
+            fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
+            self.model.load_state_dict(fresh.state_dict())
+            del fresh
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.epoch, self.micro_index = state["step"], state["epoch"], state["micro_index"]
         if self.dist.is_main:
@@ -271,6 +299,8 @@ class SFTTrainer:
         local_w = sum(float(b.weights[:, 1:][b.labels[:, 1:] != -100].sum()) for b in micro)
         w_total = all_reduce_sum(torch.tensor(local_w, dtype=torch.float64), self.dist).float().clamp_min(1e-12)
         ce_total, align_vals, tokens = 0.0, [], 0
+        if self.engine is not None:
+            return self._deepspeed_step(micro, w_total)
         self.optimizer.zero_grad(set_to_none=True)
         for batch in micro:
             with autocast_context(self.device, cfg.dtype):
@@ -292,16 +322,39 @@ class SFTTrainer:
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
+        return self._step_losses(ce_total, w_total, align_vals, grad_norm, lr, tokens)
+
+    def _step_losses(self, ce_total, w_total, align_vals, grad_norm, lr, tokens) -> StepLosses:
         ce = float(all_reduce_sum(torch.tensor(ce_total, dtype=torch.float64), self.dist)) / float(w_total)
         align = sum(align_vals) / len(align_vals) if align_vals else None
-        total = ce + (cfg.alignment_weight * align if align is not None else 0.0)
+        total = ce + (self.cfg.alignment_weight * align if align is not None else 0.0)
         return StepLosses(total, ce, align, grad_norm, lr, tokens)
+
+    def _deepspeed_step(self, micro: list[StageBatch], w_total: torch.Tensor) -> StepLosses:
+        """DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
+        over ranks; multiplying by both keeps the step-global normalisation of :func:`micro_batch_losses`."""
+        engine, cfg = self.engine, self.cfg
+        ce_total, align_vals, tokens = 0.0, [], 0
+        lr = self.scheduler.get_last_lr()[0]
+        for batch in micro:
+            loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
+                                             len(micro), self.dist.world_size)
+            engine.backward(loss * (len(micro) * self.dist.world_size))
+            engine.step()
+            ce_total += parts["ce_sum"]
+            if "alignment" in parts:
+                align_vals.append(parts["alignment"])
+            tokens += int(batch.attention_mask.sum())
+        norm = engine.get_global_grad_norm()
+        grad_norm = None if norm is None else float(norm)
+        return self._step_losses(ce_total, w_total, align_vals, grad_norm, lr, tokens)
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of this rank's trainable weights, gathered from every rank (rank order)."""
         h = hashlib.sha256()
-        for p in self.params:
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        with self._full_weights():
+            for p in self.params:
+                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         mine = h.hexdigest()[:16]
         if not self.dist.enabled:
             return [mine]
