@@ -125,9 +125,9 @@ def sequential_latent_forward(model, input_ids, attention_mask, latent_mask, mas
         step_in = step_in.clone()
         step_in[:, col] = z.detach()
         start = col
+    zt = torch.stack(z_tilde) if z_tilde else emb.new_zeros(0, emb.shape[-1])
     loss_in = emb.clone()
-    for col, z in zip(cols, z_tilde):
-        loss_in[0, col] = z
+    loss_in[0, cols] = zt  # z~ enters the loss pass through this tensor (route gradients via it)
     if checkpoint_loss_pass:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -135,5 +135,4 @@ def sequential_latent_forward(model, input_ids, attention_mask, latent_mask, mas
     finally:
         if checkpoint_loss_pass:
             model.gradient_checkpointing_disable()
-    zt = torch.stack(z_tilde) if z_tilde else emb.new_zeros(0, emb.shape[-1])
     return hidden, zt
