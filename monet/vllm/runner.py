@@ -19,11 +19,14 @@ Hooks (all overrides of the V1 runner's own methods, calling ``super()``):
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
 
 from monet.vllm.settings import EngineSettings, request_settings
+
+logger = logging.getLogger("monet.vllm")
 from monet.vllm.state import LatentState
 
 
@@ -71,8 +74,12 @@ class LatentRunnerMixin:
         for new in scheduler_output.scheduled_new_reqs:
             if new.sampling_params is None:
                 continue
-            st.add_request(new.req_id, request_settings(st.settings, new.sampling_params.extra_args),
-                           new.prompt_token_ids)
+            try:
+                settings = request_settings(st.settings, new.sampling_params.extra_args)
+            except (TypeError, ValueError) as e:  # front ends validate; never let one request stop the engine
+                logger.warning("request %s: invalid Monet settings (%s); using the engine defaults", new.req_id, e)
+                settings = request_settings(st.settings, None)
+            st.add_request(new.req_id, settings, new.prompt_token_ids)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             if rid in st.reqs and self.requests[rid].output_token_ids:
                 self._monet_refeed.add(rid)

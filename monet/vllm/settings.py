@@ -98,9 +98,20 @@ def request_extra_args(*, latent_size: int | None = None, layout: str | None = N
 
 
 def request_settings(engine: EngineSettings, extra_args: Mapping[str, Any] | None) -> RequestSettings:
-    """Resolve a request's settings from its ``extra_args`` and the engine defaults."""
-    d = (extra_args or {}).get(CONFIG_KEY) or {}
-    K = check_latent_size(int(d.get("latent_size", engine.latent_size)))
+    """Resolve a request's settings from its ``extra_args`` and the engine defaults.
+
+    Besides ``extra_args["monet"] = {...}`` the flat keys ``monet_latent_size`` / ``monet_layout`` are
+    read, so OpenAI-API clients can pass them as ``vllm_xargs`` (which only carries flat values).
+    """
+    extra_args = extra_args or {}
+    d = dict(extra_args.get(CONFIG_KEY) or {})
+    for key in ("latent_size", "layout"):
+        if f"{CONFIG_KEY}_{key}" in extra_args:
+            d.setdefault(key, extra_args[f"{CONFIG_KEY}_{key}"])
+    K = d.get("latent_size", engine.latent_size)
+    if isinstance(K, str) and K.strip().lstrip("-").isdigit():
+        K = int(K)
+    K = check_latent_size(K)
     layout = check_layout(str(d.get("layout", engine.layout)))
     return RequestSettings(latent_size=K, monet_v1=is_monet_v1(layout),
                            return_latents=bool(d.get("return_latents", False)), tag=d.get("tag"))

@@ -1,0 +1,203 @@
+"""OpenAI-compatible serving with latent decoding: vLLM's own ``serve`` entry point plus
+
+* ``--worker-cls monet.vllm.worker.LatentWorker`` and ``--additional-config {"monet": ...}``,
+* ``--middleware monet.vllm.serve.LatentSpanMiddleware`` (an ASGI middleware vLLM installs itself).
+
+The middleware, for ``/v1/chat/completions`` and ``/v1/completions``:
+
+* validates per-request latent settings (``vllm_xargs: {"monet_latent_size": K, "monet_layout": L}``;
+  HTTP 400 on bad values) and sets a prefix-cache salt (see :func:`monet.vllm.llm.cache_salt`) unless
+  the client gave one,
+* for non-streaming requests renders each latent span of the answer as
+  ``<abs_vis_token><latent></abs_vis_token>`` (it asks vLLM for the generated token ids and decodes
+  them with :func:`monet.render.render_latent_text`; the ids are removed again unless the client
+  asked for them with ``return_token_ids``). Streaming responses pass through: their text omits the
+  latent tokens (they are special tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from monet.layout import check_latent_size, check_layout
+from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
+
+MIDDLEWARE = "monet.vllm.serve.LatentSpanMiddleware"
+_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def prompt_text_of(body: dict) -> str:
+    """The text a request's prompt carries (messages' text parts, or the completion prompt)."""
+    if "messages" in body:
+        parts = []
+        for m in body.get("messages") or []:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                parts += [p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"]
+        # chat prompts end with the assistant header, never with START
+        return "\n".join(parts) + "\n"
+    p = body.get("prompt")
+    return p if isinstance(p, str) else ""
+
+
+def prepare_request(body: dict, defaults: dict) -> tuple[dict, bool]:
+    """Validate latent settings and add the cache salt; ask for token ids when the answer is rendered.
+
+    Returns the new body and whether the client itself asked for token ids."""
+    from monet.vllm.llm import cache_salt
+
+    body = dict(body)
+    xargs = body.get("vllm_xargs") or {}
+    K = xargs.get("monet_latent_size", defaults.get("latent_size", 8))
+    layout = xargs.get("monet_layout", defaults.get("layout", "standard"))
+    if isinstance(K, str) and K.strip().isdigit():
+        K = int(K)
+    K = check_latent_size(K)
+    layout = check_layout(layout)
+    if not body.get("cache_salt"):
+        body["cache_salt"] = cache_salt(prompt_text_of(body), K, layout)
+    wanted_ids = bool(body.get("return_token_ids"))
+    if not body.get("stream"):
+        body["return_token_ids"] = True
+    return body, wanted_ids
+
+
+def render_response(payload: dict, tokenizer: Any, ids: LatentTokenIds, keep_ids: bool) -> dict:
+    """Replace each choice's text by its rendering with latent span placeholders."""
+    from monet.render import render_latent_text
+
+    for choice in payload.get("choices") or []:
+        toks = choice.get("token_ids")
+        if toks is None:
+            continue
+        text = render_latent_text(tokenizer, toks, ids)
+        if isinstance(choice.get("message"), dict):
+            choice["message"]["content"] = text
+        elif "text" in choice:
+            choice["text"] = text
+        if not keep_ids:
+            choice.pop("token_ids", None)
+    if not keep_ids:
+        payload.pop("prompt_token_ids", None)
+        for choice in payload.get("choices") or []:
+            choice.pop("prompt_token_ids", None)
+    return payload
+
+
+class LatentSpanMiddleware:
+    """Pure ASGI middleware (vLLM installs it with ``app.add_middleware``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._tokenizer = None
+        self._ids: LatentTokenIds | None = None
+        self._defaults: dict | None = None
+
+    def _setup(self, scope: dict) -> None:
+        if self._defaults is not None:
+            return
+        state = scope["app"].state
+        cfg = state.vllm_config
+        self._defaults = dict((cfg.additional_config or {}).get("monet") or {})
+        from transformers import AutoTokenizer
+
+        mc = cfg.model_config
+        self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision)
+        self._ids = LatentTokenIds.from_tokenizer(self._tokenizer)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope.get("path", "").endswith(_PATHS):
+            return await self.app(scope, receive, send)
+        self._setup(scope)
+        chunks = []
+        while True:
+            msg = await receive()
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("request body must be a JSON object")
+            body, keep_ids = prepare_request(body, self._defaults)
+        except (ValueError, TypeError) as e:
+            return await _send_json(send, 400, {"error": {"message": f"monet: {e}", "type": "BadRequestError",
+                                                          "code": 400}})
+        new_raw = json.dumps(body).encode()
+        sent = False
+
+        async def receive_body():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": new_raw, "more_body": False}
+            return await receive()
+
+        if body.get("stream"):
+            return await self.app(scope, receive_body, send)
+
+        start: dict = {}
+        out: list[bytes] = []
+
+        async def capture(msg):
+            if msg["type"] == "http.response.start":
+                start.update(msg)
+            elif msg["type"] == "http.response.body":
+                out.append(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    payload = b"".join(out)
+                    if start.get("status") == 200:
+                        try:
+                            data = render_response(json.loads(payload), self._tokenizer, self._ids, keep_ids)
+                            payload = json.dumps(data).encode()
+                        except ValueError:
+                            pass
+                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    headers.append((b"content-length", str(len(payload)).encode()))
+                    await send({**start, "headers": headers})
+                    await send({"type": "http.response.body", "body": payload, "more_body": False})
+            else:
+                await send(msg)
+
+        await self.app(scope, receive_body, capture)
+
+
+async def _send_json(send, status: int, data: dict) -> None:
+    payload = json.dumps(data).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+def serve_argv(model: str, settings: dict, vllm_args: list[str]) -> list[str]:
+    """``vllm serve`` arguments selecting the latent worker, settings and middleware."""
+    for flag in ("--worker-cls", "--additional-config", "--speculative-config", "--pipeline-parallel-size", "-pp"):
+        if any(a == flag or a.startswith(flag + "=") for a in vllm_args):
+            raise ValueError(f"{flag} cannot be combined with Monet latent serving")
+    return [str(model), *vllm_args, "--worker-cls", "monet.vllm.worker.LatentWorker",
+            "--additional-config", json.dumps({"monet": settings}), "--middleware", MIDDLEWARE]
+
+
+def run_serve(model: str, *, latent_size: int | None = None, layout: str | None = None,
+              max_latents_per_request: int | None = None, vllm_args: list[str] = ()) -> None:
+    """Start vLLM's OpenAI-compatible server (blocks) with latent decoding."""
+    from transformers import AutoProcessor
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from monet.vllm.llm import load_settings
+    from monet.vllm.settings import DEFAULT_MAX_LATENTS
+
+    model = str(model)
+    processor = AutoProcessor.from_pretrained(model)
+    settings = load_settings(model, processor, latent_size, layout, max_latents_per_request or DEFAULT_MAX_LATENTS)
+    parser = make_arg_parser(FlexibleArgumentParser(prog="monet serve"))
+    args = parser.parse_args(serve_argv(model, settings.to_dict(), list(vllm_args)))
+    cmd = ServeSubcommand()
+    cmd.validate(args)
+    cmd.cmd(args)

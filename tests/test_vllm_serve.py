@@ -1,0 +1,153 @@
+"""``monet serve``: vLLM's OpenAI-compatible server with the latent worker, on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from monet.render import SPAN_PLACEHOLDER
+from monet.testing import build_tiny_checkpoint
+
+pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
+
+from monet.vllm.cli import add_serve_parser, split_serve_args  # noqa: E402
+from monet.vllm.llm import cache_salt  # noqa: E402
+from monet.vllm.serve import prepare_request, render_response, serve_argv  # noqa: E402
+
+LAUNCH = """
+import argparse, sys
+from monet.vllm.cli import add_serve_parser
+parser = argparse.ArgumentParser(prog="monet")
+add_serve_parser(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = str(build_tiny_checkpoint(cache=True))
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    argv = [sys.executable, "-c", LAUNCH, "serve", model, "--latent-size", "2", "--",
+            "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512",
+            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--limit-mm-per-prompt", '{"image": 1}']
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not come up:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base, model
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (engine core + worker)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_chat_completion_renders_spans(server):
+    base, model = server
+    start = 696  # tiny tokenizer: <abs_vis_token>
+    status, data = _post(base + "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12,
+        "logit_bias": {str(start): 5.0}, "vllm_xargs": {"monet_latent_size": 3}})
+    assert status == 200, data
+    text = data["choices"][0]["message"]["content"]
+    assert SPAN_PLACEHOLDER in text and "<abs_vis_token_pad>" not in text
+    assert "token_ids" not in data["choices"][0]  # only returned when the client asks
+
+
+def test_completion_prompt_ending_in_start(server):
+    base, model = server
+    status, data = _post(base + "/v1/completions", {"model": model, "prompt": "hi <abs_vis_token>", "max_tokens": 6,
+                                                    "return_token_ids": True})
+    assert status == 200, data
+    choice = data["choices"][0]
+    pad, end = 695, 697
+    assert choice["token_ids"][:3] == [pad, pad, end]  # engine default K = 2
+    assert choice["text"].startswith(SPAN_PLACEHOLDER)
+
+
+def test_bad_latent_settings_are_http_400(server):
+    base, model = server
+    status, data = _post(base + "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": "x"}], "vllm_xargs": {"monet_latent_size": 0}})
+    assert status == 400 and "latent_size must be >= 1" in data["error"]["message"]
+    # the engine is still fine afterwards
+    status, _ = _post(base + "/v1/completions", {"model": model, "prompt": "ok", "max_tokens": 2})
+    assert status == 200
+
+
+def test_prepare_request_and_render_helpers():
+    body, keep = prepare_request({"messages": [{"role": "user", "content": "q"}]}, {"latent_size": 4, "layout": "standard"})
+    assert body["return_token_ids"] is True and keep is False and body["cache_salt"] == "monet-k4-standard"
+    body, _ = prepare_request({"prompt": "a <abs_vis_token_pad> b", "stream": True}, {})
+    assert body["cache_salt"].startswith("monet-private-") and "return_token_ids" not in body
+    with pytest.raises(ValueError, match="layout"):
+        prepare_request({"prompt": "x", "vllm_xargs": {"monet_layout": "v9"}}, {})
+    assert cache_salt("x<abs_vis_token>", 3, "monet-v1") == "monet-k3-monet-v1-prompt-start"
+    assert cache_salt("x<abs_vis_token>", 3, "standard") == "monet-k3-standard"
+    assert cache_salt("<abs_vis_token> x", 3, "standard").startswith("monet-private-")
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    from monet.tokens import LatentTokenIds
+
+    ids = LatentTokenIds(pad=10, start=11, end=12, observation_start=13, observation_end=14)
+    payload = {"choices": [{"message": {"content": "raw"}, "token_ids": [0, 11, 10, 12, 1]}], "prompt_token_ids": [1]}
+    out = render_response(payload, Tok(), ids, keep_ids=False)
+    assert out["choices"][0]["message"]["content"] == f"a{SPAN_PLACEHOLDER}b" and "prompt_token_ids" not in out
+
+
+def test_serve_argv_and_parser():
+    argv = serve_argv("/m", {"latent_size": 2}, ["--port", "1"])
+    assert argv[0] == "/m" and "--worker-cls" in argv and "monet.vllm.serve.LatentSpanMiddleware" in argv
+    with pytest.raises(ValueError, match="speculative"):
+        serve_argv("/m", {}, ["--speculative-config", "{}"])
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    args, rest = split_serve_args(parser.parse_args(["serve", "/m", "--layout", "monet-v1", "--", "--port", "8000"]))
+    assert args.layout == "monet-v1" and rest == ["--port", "8000"] and args.latent_size is None
+    args, rest = split_serve_args(parser.parse_args(["serve", "--latent-size", "3", "/m"]))
+    assert args.latent_size == 3 and rest == [] and args.model == "/m"
