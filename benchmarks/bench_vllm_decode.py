@@ -1,0 +1,95 @@
+"""vLLM latent decoding throughput: latent-heavy batches vs plain decoding in the same engine, and vs
+the HF path (monet.generate).
+
+Small preset (hidden 512, 8 layers), fp32, one vLLM engine (V1 CPU runner with the Monet latent
+worker), batch 1 / 16 / 64. Every request decodes exactly ``STEPS`` tokens (EOS banned by logit bias)
+so runs compare step for step:
+
+* ``latent``: spans back to back (prompt ends with START, START forced whenever text is sampled):
+  START, 8 PADs, END, START, ... — 80% of the steps take a latent input;
+* ``plain``: the same requests with START banned (the prompt does not end with START): ordinary
+  decoding in the same engine (the latent hooks still run; no request is in a span);
+* ``hf``: monet.generate with the ``latent`` settings on the same checkpoint.
+
+Times are per generate call (prefill included, same for every implementation). Ratios:
+``plain/latent`` (>= ~0.95 means a latent step costs about a plain step) and ``hf/latent`` (speed-up
+of the vLLM path). Run: ``pytest benchmarks/bench_vllm_decode.py`` (JSON in benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import monet
+from monet.model.decoding import eos_token_ids
+from monet.testing import build_tiny_checkpoint, synthetic_image
+from report import Goal
+
+pytest.importorskip("vllm")
+
+STEPS = 32
+K = 8
+BATCHES = (1, 16, 64)
+
+
+@pytest.fixture(scope="module")
+def path():
+    return build_tiny_checkpoint(preset="small", cache=True)
+
+
+@pytest.fixture(scope="module")
+def engine(path):
+    from monet.vllm import LatentLLM
+
+    llm = LatentLLM(path, latent_size=K, dtype="float32", max_model_len=512, enforce_eager=True,
+                    limit_mm_per_prompt={"image": 1}, kv_cache_memory_bytes=2 << 30, max_num_seqs=max(BATCHES),
+                    max_num_batched_tokens=8192, enable_prefix_caching=False)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    return monet.load_model(path, dtype="float32")
+
+
+def requests(batch: int, latent: bool):
+    return [monet.LatentRequest(prompt=f"Describe picture {i} briefly.", images=[synthetic_image(i)],
+                                force_latent=latent) for i in range(batch)]
+
+
+def _report(bench_report):
+    return bench_report(
+        "vllm_decode", baseline="latent", others=("plain", "hf"),
+        goals=(Goal("a latent step costs <= 1.05x a plain step in the same engine", "plain/latent", 1 / 1.05),
+               Goal("vLLM path >= 2x monet.generate at batch 64", "hf/latent", 2.0,
+                    lambda c: c.params.get("batch") == 64)),
+        note=f"{STEPS} decode steps per request, K={K}, small preset, fp32, CPU (vLLM CPU V1 runner); "
+             "times are per generate call, prefill included")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["latent", "plain", "hf"])
+def test_vllm_decode(benchmark, bench_report, engine, hf, impl, batch):
+    model, processor = hf
+    ids = model.monet_config.token_ids
+    no_eos = {e: -1e9 for e in eos_token_ids(model, processor.tokenizer)}
+    latent = impl != "plain"
+    reqs = requests(batch, latent)
+    bias = {**no_eos, ids.start: 1e9 if latent else -1e9}
+    kw = dict(max_new_tokens=STEPS, latent_size=K, logit_bias=bias)
+
+    if impl == "hf":
+        def fn():
+            outs = monet.generate(model, processor, reqs, **kw)
+            assert all(len(o.token_ids) == STEPS for o in outs)
+    else:
+        def fn():
+            outs = engine.generate(reqs, **kw)
+            assert all(len(o.token_ids) == STEPS for o in outs)
+            assert all((len(o.latent_positions) >= K * (STEPS // (K + 2))) == latent for o in outs)
+
+    rounds = 1 if impl == "hf" and batch == max(BATCHES) else 3
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    _report(bench_report).record(f"batch={batch}", impl, benchmark.stats.stats.median,
+                                 min_s=benchmark.stats.stats.min, op="generate", params={"batch": batch})
