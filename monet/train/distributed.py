@@ -45,3 +45,10 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (its threads must be joined before interpreter exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -57,11 +57,14 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, device: str | torch.device 
                                               samples_and_report=loaded)
     trainer = SFTTrainer(cfg, model, processor, examples, teacher_examples=teacher_examples, device=dev,
                          progress=progress, printer=printer)
-    if resume:
-        trainer.resume()
-    summary = trainer.train()
-    if trainer.dist.is_main:
-        Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    try:
+        if resume:
+            trainer.resume()
+        summary = trainer.train()
+        if trainer.dist.is_main:
+            Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    finally:
+        trainer.close()
     return summary
 
 

@@ -38,7 +38,7 @@ from monet.train.checkpoint import (
     staging_dir,
 )
 from monet.train.config import SFTConfig
-from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
 from monet.train.metrics import MetricsLogger
 
@@ -348,6 +348,12 @@ class SFTTrainer:
         norm = engine.get_global_grad_norm()
         grad_norm = None if norm is None else float(norm)
         return self._step_losses(ce_total, w_total, align_vals, grad_norm, lr, tokens)
+
+    def close(self) -> None:
+        """Release DeepSpeed and the process group (torchrun runs)."""
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        shutdown_distributed()
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of this rank's trainable weights, gathered from every rank (rank order)."""
