@@ -11,7 +11,8 @@ from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_request, render_prompt
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
-from monet.vllm.settings import CONFIG_KEY, DEFAULT_MAX_LATENTS, EngineSettings, replay_latent_positions, request_extra_args
+from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, replay_latent_positions,
+                                 request_extra_args)
 
 WORKER_CLS = "monet.vllm.worker.LatentWorker"
 
@@ -33,6 +34,15 @@ def engine_kwargs(settings: EngineSettings, **kwargs: Any) -> dict:
     extra[CONFIG_KEY] = settings.to_dict()
     kwargs["additional_config"] = extra
     return kwargs
+
+
+def check_runner_v1() -> None:
+    """On GPU vLLM 0.32 defaults to Model Runner V2, which the latent runner does not support."""
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and envs.VLLM_USE_V2_MODEL_RUNNER is not False:
+        raise RuntimeError(V2_ERROR)
 
 
 def load_settings(model: str, processor: Any, latent_size: int | None, layout: str | None,
@@ -84,6 +94,7 @@ class LatentLLM:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        check_runner_v1()
         self.model = str(model)
         self.processor = processor or AutoProcessor.from_pretrained(self.model)
         self.settings = load_settings(self.model, self.processor, latent_size, layout, max_latents_per_request)
@@ -110,14 +121,16 @@ class LatentLLM:
         logit_bias: dict[int, float] | None = None,
         n: int = 1,
         return_latents: bool = False,
-        latent_size: int | None = None,
-        layout: str | None = None,
+        latent_size: int | Sequence[int] | None = None,
+        layout: str | Sequence[str] | None = None,
         use_tqdm: bool = False,
     ) -> list[LatentGeneration]:
         """Generate for a batch of requests; like :func:`monet.generate`.
 
         Returns one :class:`LatentGeneration` per request, in order; with ``n > 1`` the ``n`` samples
-        of each request follow each other (``len(result) == n * len(requests)``).
+        of each request follow each other (``len(result) == n * len(requests)``). ``latent_size`` and
+        ``layout`` default to the engine's; give a list to set them per request (one engine serves
+        every combination, in the same batch).
         """
         from vllm import SamplingParams
 
@@ -130,10 +143,11 @@ class LatentLLM:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        K = check_latent_size(latent_size) if latent_size is not None else self.settings.latent_size
-        layout = check_layout(layout) if layout is not None else self.settings.layout
+        Ks = _per_request(latent_size, len(reqs), "latent_size", self.settings.latent_size, check_latent_size)
+        layouts = _per_request(layout, len(reqs), "layout", self.settings.layout, check_layout)
         prompts, params, tags = [], [], []
         for i, req in enumerate(reqs):
+            K, layout = Ks[i], layouts[i]
             text, images = render_prompt(self.processor, req, i)
             prompt: dict[str, Any] = {"prompt": text, "cache_salt": cache_salt(text, K, layout)}
             if images:
@@ -149,7 +163,7 @@ class LatentLLM:
         outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
         latents = self._take_latents([t for t in tags if t is not None]) if return_latents else {}
         results = []
-        for out, tag in zip(outputs, tags):
+        for out, tag, K, layout in zip(outputs, tags, Ks, layouts):
             prompt_ids = list(out.prompt_token_ids or [])
             ends = bool(prompt_ids) and prompt_ids[-1] == self.token_ids.start
             comps = sorted(out.outputs, key=lambda c: c.index)
@@ -215,6 +229,17 @@ class LatentLLM:
     def stats(self) -> dict:
         """Runner-side bookkeeping counters (live requests, slots) of the first worker."""
         return self.llm.collective_rpc("monet_stats")[0]
+
+
+def _per_request(value, n: int, name: str, default, check) -> list:
+    if value is None:
+        return [default] * n
+    if isinstance(value, (int, str)):
+        return [check(value)] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} requests")
+    return [check(v) for v in values]
 
 
 def _child_index(req_id: str) -> int:

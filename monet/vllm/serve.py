@@ -190,9 +190,10 @@ def run_serve(model: str, *, latent_size: int | None = None, layout: str | None 
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from monet.vllm.llm import load_settings
+    from monet.vllm.llm import check_runner_v1, load_settings
     from monet.vllm.settings import DEFAULT_MAX_LATENTS
 
+    check_runner_v1()
     model = str(model)
     processor = AutoProcessor.from_pretrained(model)
     settings = load_settings(model, processor, latent_size, layout, max_latents_per_request or DEFAULT_MAX_LATENTS)

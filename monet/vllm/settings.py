@@ -19,6 +19,8 @@ from monet.layout import check_latent_size, check_layout, is_monet_v1
 
 CONFIG_KEY = "monet"
 DEFAULT_MAX_LATENTS = 128
+V2_ERROR = ("Monet latent decoding runs in vLLM's V1 model runner; Model Runner V2 is not supported. "
+            "Start the engine with VLLM_USE_V2_MODEL_RUNNER=0")
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,13 @@ import torch
 from vllm.platforms import current_platform
 
 from monet.vllm.runner import cpu_runner_cls, gpu_runner_cls
+from monet.vllm.settings import V2_ERROR
 
 if current_platform.is_cpu():
     from vllm.v1.worker.cpu_worker import CPUWorker as _PlatformWorker
 else:
     from vllm.v1.worker.gpu_worker import Worker as _PlatformWorker
 
-V2_ERROR = ("Monet latent decoding runs in vLLM's V1 model runner; Model Runner V2 is not supported. "
-            "Start the engine with VLLM_USE_V2_MODEL_RUNNER=0")
 
 
 class LatentWorker(_PlatformWorker):
