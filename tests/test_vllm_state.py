@@ -113,3 +113,13 @@ def test_settings():
         request_settings(ENGINE, {"monet_latent_size": 0})
     with pytest.raises(ValueError, match="layout must be one of"):
         request_extra_args(layout="v2")
+
+
+def test_general_plugin_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("monet_latent") == "monet.vllm.plugin:register", "reinstall: pip install -e . --no-build-isolation"
+    from monet.vllm.plugin import register
+
+    register()
