@@ -160,6 +160,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    """``monet serve MODEL ... -- <vllm serve options>`` (needs vLLM; registered lazily)."""
+    from monet.vllm.cli import add_serve_parser
+
+    add_serve_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monet", description="Latent visual reasoning for Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precompute(sub)
     _add_data(sub)
     _add_quickstart(sub)
+    _add_serve(sub)
     return parser
 
 
