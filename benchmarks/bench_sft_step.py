@@ -25,7 +25,7 @@ from monet.model.training import attention_mask_4d
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import split_batch
 from monet.train.config import SFTConfig
-from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
+from monet.train.losses import alignment_loss, weighted_ce_sum
 from monet.train.sft import aligned_counts, micro_batch_losses
 from report import Goal
 

@@ -14,7 +14,6 @@ import torch
 
 import monet
 from monet.data.collate import StageCollator
-from monet.data.sft_loader import load_sft_dataset
 from monet.data.synth import synthesize_dataset
 from monet.train.config import SFTConfig
 from monet.train.pipeline import load_stage_dataset, run_precompute, run_sft

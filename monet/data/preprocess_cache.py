@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from monet.atomic import atomic_write_bytes
 from monet.data.image_budget import ImageBudget, stage_budget
 from monet.data.sft_format import SFTSample
 from monet.data.stage_layout import (
@@ -83,15 +83,7 @@ def samples_fingerprint(samples: Sequence[SFTSample]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = atomic_write_bytes
 
 
 def _encode_shard(examples: list[StageExample]) -> bytes:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from monet.atomic import atomic_write_bytes
 from monet.data.sft_format import PLACEHOLDER
 
 DATASET_NAME = "Synth_Zoom"
@@ -153,15 +153,7 @@ def _sample_json(scene: _Scene, sample_id: str, scene_path: str, helper_path: st
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write_bytes = atomic_write_bytes
 
 
 def _png_bytes(img) -> bytes:

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from monet.atomic import atomic_write_json
 from monet.layout import check_latent_size, check_layout
 from monet.tokens import LatentTokenIds
 
@@ -40,11 +41,7 @@ class MonetConfig:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``monet_config.json`` atomically into ``directory``."""
-        path = Path(directory) / CONFIG_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(Path(directory) / CONFIG_FILE, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "MonetConfig | None":

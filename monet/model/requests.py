@@ -15,7 +15,7 @@ from monet.tokens import LATENT_START
 
 IMAGE_PAD = "<|image_pad|>"
 
-ImageLike = Union[str, os.PathLike, "PIL.Image.Image", Any]  # path, PIL image or HxWxC uint8 array
+ImageLike = Union[str, os.PathLike, Any]  # a path, a PIL image or an HxW[xC] uint8 array
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monet.atomic import atomic_write_text
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.pt"
 
@@ -36,10 +38,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -72,7 +70,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(out / LATEST, final.name + "\n")
+    atomic_write_text(out / LATEST, final.name + "\n")
     if keep_last:
         ckpts = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
                        key=lambda p: int(p.name.split("-")[-1]))

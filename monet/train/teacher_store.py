@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from monet.atomic import atomic_write_json
+
 INDEX = "index.json"
 FORMAT_VERSION = 1
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -45,10 +47,7 @@ def tensor_name(key: str) -> str:
     return f"{safe}.{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
+_write_json_atomic = atomic_write_json
 
 
 class TeacherStoreWriter:

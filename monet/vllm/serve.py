@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from monet.layout import check_latent_size, check_layout
-from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
+from monet.tokens import LatentTokenIds
 
 MIDDLEWARE = "monet.vllm.serve.LatentSpanMiddleware"
 _PATHS = ("/v1/chat/completions", "/v1/completions")
