@@ -11,27 +11,14 @@ import monet
 from latent_reference import naive_latent_decode
 from monet.model.decoding import eos_token_ids
 from monet.render import SPAN_PLACEHOLDER, render_latent_text, split_spans
-from monet.testing import build_tiny_checkpoint, synthetic_image
+from monet.testing import build_tiny_checkpoint
+from monet.testing.requests import mixed_requests
 
 
 @pytest.fixture(scope="module")
 def tiny():
     model, processor = monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32")
     return model, processor
-
-
-def mixed_requests():
-    """Requests with 0, 1 and 2 images, different prompt lengths, two ending in START."""
-    return [
-        monet.LatentRequest(prompt="What is here?", images=[synthetic_image(0)]),
-        monet.LatentRequest(prompt="hello", force_latent=True),
-        monet.LatentRequest(prompt="Describe the two pictures in detail please.",
-                            images=[synthetic_image(1), synthetic_image(2, size=(84, 56))]),
-        monet.LatentRequest(prompt="a b c d e f g"),
-        monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True),
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": synthetic_image(4)},
-                                                   {"type": "text", "text": "zzz"}]}]},
-    ]
 
 
 @pytest.mark.parametrize("layout", ["standard", "monet-v1"])

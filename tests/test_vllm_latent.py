@@ -15,7 +15,8 @@ from latent_reference import full_hidden
 from monet.model.decoding import eos_token_ids
 from monet.model.requests import as_request, render_prompt
 from monet.render import SPAN_PLACEHOLDER
-from monet.testing import build_tiny_checkpoint, synthetic_image
+from monet.testing import build_tiny_checkpoint
+from monet.testing.requests import mixed_requests as mixed_latent_requests
 
 pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
 
@@ -54,18 +55,7 @@ def llm(path):
 
 
 def mixed_requests():
-    """0, 1 and 2 images, different prompt lengths, two prompts ending in START."""
-    return [
-        monet.LatentRequest(prompt="What is here?", images=[synthetic_image(0)]),
-        monet.LatentRequest(prompt="hello", force_latent=True),
-        monet.LatentRequest(prompt="Describe the two pictures in detail please.",
-                            images=[synthetic_image(1), synthetic_image(2, size=(84, 56))]),
-        monet.LatentRequest(prompt="a b c d e f g"),
-        monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True),
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": synthetic_image(4)},
-                                                   {"type": "text", "text": "zzz"}]}]},
-        monet.LatentRequest(prompt="one more plain question about nothing at all"),
-    ]
+    return mixed_latent_requests(extra_plain=True)
 
 
 def assert_same(vllm_outs, hf_outs, *, rtol=1e-4):
