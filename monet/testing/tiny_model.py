@@ -321,12 +321,10 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def default_cache_dir() -> Path:
-    """Where ``build_tiny_checkpoint(None, ...)`` keeps checkpoints (``$MONET_CACHE_DIR`` or
-    ``~/.cache/monet``, subfolder ``tiny``)."""
-    root = os.environ.get("MONET_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "monet"
-    )
-    return Path(root) / "tiny"
+    """Where ``build_tiny_checkpoint(None, ...)`` keeps checkpoints: the platform's user cache
+    folder (XDG convention, ``~/.cache``) / ``monet/tiny``. Pass ``out_dir`` to choose another."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(root) / "monet" / "tiny"
 
 
 def _write_checkpoint(
