@@ -14,6 +14,7 @@ from monet.data.image_budget import ImageBudget, stage_budget
 from monet.data.preprocess_cache import PreprocessedDataset, preprocess_dataset
 from monet.data.sft_loader import load_sft_dataset
 from monet.train.config import SFTConfig
+from monet.train.distributed import barrier, init_distributed
 
 
 def stage_image_budget(stage: int, total: int | None, per_image: int | None) -> ImageBudget:
@@ -47,14 +48,26 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, device: str | torch.device 
     from monet.train.sft import TEACHER_LAYOUT, SFTTrainer
 
     dev = _device(device)
+    dist_info = init_distributed(dev)
     model, processor = load_model(cfg.model, dtype="float32", device=dev, attn_implementation=cfg.attn_implementation,
                                   latent_size=cfg.latent_size)
-    loaded = load_sft_dataset(cfg.data, cfg.image_root)
-    examples = load_stage_dataset(cfg, processor, cfg.stage, printer=printer, samples_and_report=loaded)
-    teacher_examples = None
-    if cfg.stage > 1 and cfg.teacher == "online":
-        teacher_examples = load_stage_dataset(cfg, processor, TEACHER_LAYOUT[cfg.stage], printer=lambda _: None,
-                                              samples_and_report=loaded)
+
+    def data():
+        loaded = load_sft_dataset(cfg.data, cfg.image_root)
+        quiet = printer if dist_info.is_main else (lambda _: None)
+        ex = load_stage_dataset(cfg, processor, cfg.stage, printer=quiet, samples_and_report=loaded)
+        tex = None
+        if cfg.stage > 1 and cfg.teacher == "online":
+            tex = load_stage_dataset(cfg, processor, TEACHER_LAYOUT[cfg.stage], printer=lambda _: None,
+                                     samples_and_report=loaded)
+        return ex, tex
+
+    # Rank 0 tokenises into the shared cache first; the other ranks then reuse it.
+    if dist_info.is_main:
+        examples, teacher_examples = data()
+    barrier(dist_info)
+    if not dist_info.is_main:
+        examples, teacher_examples = data()
     trainer = SFTTrainer(cfg, model, processor, examples, teacher_examples=teacher_examples, device=dev,
                          progress=progress, printer=printer)
     try:
