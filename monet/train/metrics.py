@@ -25,8 +25,10 @@ class MetricsLogger:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
-
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ImportError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
