@@ -22,7 +22,7 @@ pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (M
 
 from monet.vllm.cli import add_serve_parser, split_serve_args  # noqa: E402
 from monet.vllm.llm import cache_salt  # noqa: E402
-from monet.vllm.serve import prepare_request, render_response, serve_argv  # noqa: E402
+from monet.vllm.serve import StreamRenderer, prepare_request, render_response, serve_argv  # noqa: E402
 
 LAUNCH = """
 import argparse, sys
@@ -107,6 +107,39 @@ def test_completion_prompt_ending_in_start(server):
     assert choice["text"].startswith(SPAN_PLACEHOLDER)
 
 
+def _post_stream(url: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        raw = r.read().decode()
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completion"])
+def test_streamed_text_equals_rendered_text(server, endpoint):
+    """Greedy: the concatenated stream shows the same placeholders as the non-streaming answer."""
+    base, model = server
+    start = 696
+    if endpoint == "chat":
+        url, body = base + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}]}
+        piece = lambda c: c.get("delta", {}).get("content") or ""  # noqa: E731
+        whole = lambda d: d["choices"][0]["message"]["content"]  # noqa: E731
+    else:  # prompt ends with START: the span opens in the prompt
+        url, body = base + "/v1/completions", {"prompt": "hi <abs_vis_token>"}
+        piece = lambda c: c.get("text") or ""  # noqa: E731
+        whole = lambda d: d["choices"][0]["text"]  # noqa: E731
+    body = {**body, "model": model, "max_tokens": 16, "temperature": 0.0, "logit_bias": {str(start): 4.0}}
+    status, data = _post(url, body)
+    assert status == 200, data
+    chunks = _post_stream(url, body)
+    streamed = "".join(piece(c["choices"][0]) for c in chunks if c.get("choices"))
+    assert SPAN_PLACEHOLDER in whole(data)
+    assert streamed == whole(data)
+    assert all("token_ids" not in c for ch in chunks for c in ch.get("choices", []))
+
+
 def test_bad_latent_settings_are_http_400(server):
     base, model = server
     status, data = _post(base + "/v1/chat/completions", {
@@ -121,7 +154,7 @@ def test_prepare_request_and_render_helpers():
     body, keep = prepare_request({"messages": [{"role": "user", "content": "q"}]}, {"latent_size": 4, "layout": "standard"})
     assert body["return_token_ids"] is True and keep is False and body["cache_salt"] == "monet-k4-standard"
     body, _ = prepare_request({"prompt": "a <abs_vis_token_pad> b", "stream": True}, {})
-    assert body["cache_salt"].startswith("monet-private-") and "return_token_ids" not in body
+    assert body["cache_salt"].startswith("monet-private-") and body["return_token_ids"] is True
     with pytest.raises(ValueError, match="layout"):
         prepare_request({"prompt": "x", "vllm_xargs": {"monet_layout": "v9"}}, {})
     assert cache_salt("x<abs_vis_token>", 3, "monet-v1") == "monet-k3-monet-v1-prompt-start"
@@ -138,6 +171,23 @@ def test_prepare_request_and_render_helpers():
     payload = {"choices": [{"message": {"content": "raw"}, "token_ids": [0, 11, 10, 12, 1]}], "prompt_token_ids": [1]}
     out = render_response(payload, Tok(), ids, keep_ids=False)
     assert out["choices"][0]["message"]["content"] == f"a{SPAN_PLACEHOLDER}b" and "prompt_token_ids" not in out
+
+    # streaming: per-chunk rewriting concatenates to the same rendering
+    for chunks, expected in (([[0], [11], [10], [12], [1]], f"a{SPAN_PLACEHOLDER}b"),
+                             ([[10, 10], [12, 1]], f"{SPAN_PLACEHOLDER}b"),          # span opened by the prompt
+                             ([[0, 11], [10]], f"a{SPAN_PLACEHOLDER}")):              # cut by max_tokens
+        r = StreamRenderer(Tok(), ids, keep_ids=False)
+        text = ""
+        for i, toks in enumerate(chunks):
+            last = i == len(chunks) - 1
+            plain = "".join(chr(ord("a") + t) for t in toks if t < 10)
+            event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": plain}, "token_ids": toks,
+                                                          "finish_reason": "length" if last else None}]}).encode()
+            data = json.loads(r.event(event)[len(b"data: "):])
+            assert "token_ids" not in data["choices"][0]
+            text += data["choices"][0]["delta"]["content"]
+        assert text == expected
+    assert StreamRenderer(Tok(), ids, keep_ids=False).event(b"data: [DONE]") == b"data: [DONE]"
 
 
 def test_serve_argv_and_parser():

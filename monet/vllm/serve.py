@@ -8,11 +8,12 @@ The middleware, for ``/v1/chat/completions`` and ``/v1/completions``:
 * validates per-request latent settings (``vllm_xargs: {"monet_latent_size": K, "monet_layout": L}``;
   HTTP 400 on bad values) and sets a prefix-cache salt (see :func:`monet.vllm.llm.cache_salt`) unless
   the client gave one,
-* for non-streaming requests renders each latent span of the answer as
-  ``<abs_vis_token><latent></abs_vis_token>`` (it asks vLLM for the generated token ids and decodes
-  them with :func:`monet.render.render_latent_text`; the ids are removed again unless the client
-  asked for them with ``return_token_ids``). Streaming responses pass through: their text omits the
-  latent tokens (they are special tokens).
+* renders each latent span of the answer as ``<abs_vis_token><latent></abs_vis_token>``: it asks
+  vLLM for the generated token ids (removed again unless the client asked for them with
+  ``return_token_ids``); non-streaming answers are re-decoded with
+  :func:`monet.render.render_latent_text`, streamed chunks that carry latent tokens are rewritten
+  by :class:`StreamRenderer` (chunks without them pass through untouched), so the concatenated
+  stream equals the non-streaming text.
 """
 
 from __future__ import annotations
@@ -60,8 +61,7 @@ def prepare_request(body: dict, defaults: dict) -> tuple[dict, bool]:
     if not body.get("cache_salt"):
         body["cache_salt"] = cache_salt(prompt_text_of(body), K, layout)
     wanted_ids = bool(body.get("return_token_ids"))
-    if not body.get("stream"):
-        body["return_token_ids"] = True
+    body["return_token_ids"] = True
     return body, wanted_ids
 
 
@@ -85,6 +85,74 @@ def render_response(payload: dict, tokenizer: Any, ids: LatentTokenIds, keep_ids
         for choice in payload.get("choices") or []:
             choice.pop("prompt_token_ids", None)
     return payload
+
+
+class StreamRenderer:
+    """Rewrites streamed chunks: START opens ``<abs_vis_token><latent>``, PADs add nothing, END
+    closes ``</abs_vis_token>`` (a span continued from a prompt ending with START opens at its first
+    PAD). State is kept per choice index across chunks."""
+
+    def __init__(self, tokenizer: Any, ids: LatentTokenIds, keep_ids: bool):
+        self.tokenizer, self.ids, self.keep_ids = tokenizer, ids, keep_ids
+        self.latent = {ids.start, ids.pad, ids.end}
+        self.open: dict[int, bool] = {}
+
+    def render_piece(self, index: int, toks: list[int]) -> str:
+        from monet.tokens import LATENT_END, LATENT_PLACEHOLDER, LATENT_START
+
+        out, text = [], []
+        for t in toks:
+            if t not in self.latent:
+                text.append(t)
+                continue
+            if text:
+                out.append(self.tokenizer.decode(text, skip_special_tokens=True))
+                text = []
+            if not self.open.get(index):
+                out.append(LATENT_START + LATENT_PLACEHOLDER)
+                self.open[index] = True
+            if t == self.ids.end:
+                out.append(LATENT_END)
+                self.open[index] = False
+        if text:
+            out.append(self.tokenizer.decode(text, skip_special_tokens=True))
+        return "".join(out)
+
+    def chunk(self, data: dict) -> dict:
+        from monet.tokens import LATENT_END
+
+        for choice in data.get("choices") or []:
+            toks = choice.get("token_ids") or []
+            index = choice.get("index", 0)
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else None
+            text = None
+            if any(t in self.latent for t in toks):
+                text = self.render_piece(index, toks)
+            if choice.get("finish_reason") and self.open.get(index):  # span cut by max_tokens
+                text = (text if text is not None else (delta.get("content") if delta else choice.get("text")) or "")
+                text += LATENT_END
+                self.open[index] = False
+            if text is not None:
+                if delta is not None:
+                    delta["content"] = text
+                else:
+                    choice["text"] = text
+            if not self.keep_ids:
+                choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
+        if not self.keep_ids:
+            data.pop("prompt_token_ids", None)
+        return data
+
+    def event(self, raw: bytes) -> bytes:
+        """One SSE event (``data: {...}``) rewritten; anything else unchanged."""
+        if not raw.startswith(b"data: ") or raw.strip() == b"data: [DONE]":
+            return raw
+        try:
+            data = json.loads(raw[len(b"data: "):])
+        except ValueError:
+            return raw
+        return b"data: " + json.dumps(self.chunk(data)).encode()
 
 
 class LatentSpanMiddleware:
@@ -138,7 +206,7 @@ class LatentSpanMiddleware:
             return await receive()
 
         if body.get("stream"):
-            return await self.app(scope, receive_body, send)
+            return await self._stream(scope, receive_body, send, keep_ids)
 
         start: dict = {}
         out: list[bytes] = []
@@ -164,6 +232,29 @@ class LatentSpanMiddleware:
                 await send(msg)
 
         await self.app(scope, receive_body, capture)
+
+
+    async def _stream(self, scope, receive, send, keep_ids: bool) -> None:
+        renderer = StreamRenderer(self._tokenizer, self._ids, keep_ids)
+        status = {"code": 200}
+        buf = b""
+
+        async def forward(msg):
+            nonlocal buf
+            if msg["type"] == "http.response.start":
+                status["code"] = msg.get("status", 200)
+                await send(msg)
+            elif msg["type"] == "http.response.body" and status["code"] == 200:
+                buf += msg.get("body", b"")
+                *events, buf = buf.split(b"\n\n")
+                out = b"".join(renderer.event(e) + b"\n\n" for e in events)
+                if not msg.get("more_body"):
+                    out, buf = out + buf, b""
+                await send({**msg, "body": out})
+            else:
+                await send(msg)
+
+        await self.app(scope, receive, forward)
 
 
 async def _send_json(send, status: int, data: dict) -> None:
