@@ -20,16 +20,19 @@ from monet.train.config import SFTConfig
 class QuickstartSettings:
     preset: str = "tiny"
     seed: int = 0
-    n_train: int = 384
-    n_eval: int = 48
+    n_train: int = 2000
+    n_eval: int = 100
     latent_size: int = 4
-    micro_batch_size: int = 8
+    micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3
-    epochs: tuple[float, float, float] = (4.0, 2.0, 2.0)
+    epochs: tuple[float, float, float] = (5.0, 3.0, 3.0)
     max_steps: int | None = None
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     eval_batch_size: int = 16
+    # The paper freezes a *pretrained* vision tower; the tiny model's tower is random, so by
+    # default the quickstart trains it too (set True to follow the paper exactly).
+    freeze_vision: bool = False
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
@@ -43,7 +46,7 @@ def _stage_config(s: QuickstartSettings, out: Path, stage: int, model: Path, dat
                      output_dir=str(out / f"stage{stage}"), latent_size=s.latent_size, lr=s.lr, warmup_steps=10,
                      epochs=s.epochs[stage - 1], max_steps=s.max_steps, micro_batch_size=s.micro_batch_size,
                      grad_accum=s.grad_accum, dtype="float32", gradient_checkpointing=False, seed=s.seed,
-                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), **kw)
+                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision, **kw)
 
 
 def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = None, *, progress: bool = True,
