@@ -18,7 +18,7 @@ from monet import ops
 from monet.layout import check_latent_size, check_layout, counter_for_prompt_ending_in_start, is_monet_v1
 from monet.model.forward import embed_multimodal, mrope_positions, run_text_model
 from monet.model.outputs import LatentGeneration
-from monet.model.requests import LatentRequest, as_request, encode_requests
+from monet.model.requests import LatentRequest, as_requests, encode_requests
 from monet.model.sampling import SamplingParams, sample_tokens
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LatentTokenIds
@@ -84,9 +84,7 @@ def generate(
     logits of the given token ids before sampling (e.g. on START to trigger spans). Returns one
     :class:`LatentGeneration` per request, in order.
     """
-    if isinstance(requests, (str, LatentRequest, dict)):
-        requests = [requests]
-    reqs = [as_request(r, i) for i, r in enumerate(requests)]
+    reqs = as_requests(requests)
     if not reqs:
         return []
     if max_new_tokens < 1:

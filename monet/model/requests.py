@@ -56,6 +56,13 @@ def as_request(x: "LatentRequest | str | dict", index: int = 0) -> LatentRequest
     return req
 
 
+def as_requests(requests: "Sequence[LatentRequest | str | dict] | LatentRequest | str | dict") -> list[LatentRequest]:
+    """One request or a sequence of them, normalised to a list of :class:`LatentRequest`."""
+    if isinstance(requests, (str, LatentRequest, dict)):
+        requests = [requests]
+    return [as_request(r, i) for i, r in enumerate(requests)]
+
+
 def load_image(image: ImageLike, where: str):
     """Return an RGB PIL image from a path, PIL image or array; clear errors otherwise."""
     from PIL import Image

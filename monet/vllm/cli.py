@@ -10,7 +10,7 @@ import argparse
 from typing import Any, Sequence
 
 from monet.model.outputs import LatentGeneration
-from monet.model.requests import LatentRequest, as_request
+from monet.model.requests import LatentRequest, as_requests
 
 
 def default_engine_kwargs(requests: Sequence[LatentRequest], dtype: str = "auto") -> dict:
@@ -43,7 +43,7 @@ def generate_with_vllm(
     """Start a latent vLLM engine on ``model``, generate for ``requests``, shut it down."""
     from monet.vllm.llm import LatentLLM
 
-    reqs = [as_request(r, i) for i, r in enumerate(requests)]
+    reqs = as_requests(requests)
     kw = {**default_engine_kwargs(reqs, dtype), **(engine_kwargs or {})}
     if seed is not None:
         kw.setdefault("seed", seed)

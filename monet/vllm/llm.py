@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from monet.layout import check_latent_size, check_layout, is_monet_v1
 from monet.model.outputs import LatentGeneration
-from monet.model.requests import LatentRequest, as_request, render_prompt
+from monet.model.requests import LatentRequest, as_requests, render_prompt
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
 from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, replay_latent_positions,
@@ -134,9 +134,7 @@ class LatentLLM:
         """
         from vllm import SamplingParams
 
-        if isinstance(requests, (str, LatentRequest, dict)):
-            requests = [requests]
-        reqs = [as_request(r, i) for i, r in enumerate(requests)]
+        reqs = as_requests(requests)
         if not reqs:
             return []
         if max_new_tokens < 1:
