@@ -28,3 +28,24 @@ def test_generate_reports_bad_input(tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--prompt", "x"])  # --model is required
+
+
+def test_data_synth_and_check(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n", "3", "--n-eval", "2", "--seed", "1"]) == 0
+    assert "wrote 3 training samples" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "d" / "train.json")]) == 0
+    assert "3" in capsys.readouterr().out
+
+
+def test_quickstart_fast_runs_the_whole_pipeline(tmp_path, capsys):
+    """`make demo`'s command on a few steps per stage: every stage, both precomputes, the evaluation."""
+    import json
+
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--fast"]) == 0
+    report = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert set(report["checkpoints"]) == {"stage1", "stage2", "stage3"}
+    for stage in ("stage1", "stage3"):
+        assert report["eval"][stage]["n"] == 8 and 0.0 <= report["eval"][stage]["accuracy"] <= 1.0
+    assert (tmp_path / "qs" / "teacher_reps" / "index.json").is_file()
+    assert (tmp_path / "qs" / "teacher_latents" / "index.json").is_file()
+    assert "stage-3 model" in capsys.readouterr().out
