@@ -53,8 +53,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"\nlatent positions: {out.latent_positions}")
         print("latent norms:     [" + ", ".join(f"{n:.3f}" for n in norms) + "]")
     n = len(out.token_ids)
+    rate = f"{n / dt:.1f} tokens/s" + (" incl. engine start-up" if args.engine == "vllm" else "")
     print(f"\n[{n} tokens, {len(out.latent_positions)} latent steps in {out.num_latent_spans} spans, "
-          f"{n / dt:.1f} tokens/s, finish: {out.finish_reason}]", file=sys.stderr)
+          f"{rate}, finish: {out.finish_reason}]", file=sys.stderr)
     return 0
 
 
