@@ -32,3 +32,27 @@ def test_dangling_latest_pointer_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("checkpoint-7\n")
     with pytest.raises(FileNotFoundError, match="checkpoint-7.*not a complete checkpoint"):
         latest_checkpoint(tmp_path)
+
+
+def test_wandb_logging_goes_through_the_public_api(tmp_path, monkeypatch):
+    """A stand-in `wandb` module records init/log/finish calls."""
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step, m)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"])) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = MetricsLogger(tmp_path, wandb_project="monet-test", run_config={"stage": 2}, printer=lambda _: None)
+    log.log(1, {"loss": 2.5})
+    log.close()
+    assert calls == [("init", "monet-test"), ("log", 1, {"loss": 2.5}), ("finish",)]
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match="wandb is not installed"):
+        MetricsLogger(tmp_path, wandb_project="p")

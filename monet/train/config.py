@@ -62,6 +62,7 @@ class SFTConfig:
     keep_last: int | None = 2
     cache_dir: str | None = None
     tensorboard: bool = False
+    wandb_project: str | None = None  # log to Weights & Biases (needs `pip install wandb`)
     deepspeed: str | None = None
     attn_implementation: str = "sdpa"
     extra: dict[str, Any] = field(default_factory=dict)

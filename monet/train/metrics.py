@@ -1,4 +1,4 @@
-"""Training metrics: JSONL file, console table every N steps, optional TensorBoard."""
+"""Training metrics: JSONL file, console table every N steps, optional TensorBoard / W&B."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ class MetricsLogger:
     a table row every ``every`` steps (rank 0 only). ``summary()`` gives first/last/mean values."""
 
     def __init__(self, output_dir: str | os.PathLike, *, every: int = 10, enabled: bool = True,
-                 tensorboard: bool = False, printer=print):
+                 tensorboard: bool = False, wandb_project: str | None = None, run_config: dict | None = None,
+                 printer=print):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.every, self.enabled, self.printer = max(1, every), enabled, printer
         self.history: list[dict[str, Any]] = []
         self._header_printed = False
         self._columns: list[str] = []
         self._tb = None
+        self._wandb = None
         self._t0 = time.perf_counter()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +32,12 @@ class MetricsLogger:
                 except ImportError:
                     raise ImportError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            if wandb_project:
+                try:
+                    import wandb
+                except ImportError:
+                    raise ImportError("wandb_project is set but wandb is not installed (pip install wandb)") from None
+                self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=run_config or {})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **metrics}
@@ -41,6 +49,8 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(dict(metrics), step=step)
         if step % self.every == 0 or step == 1:
             self._print_row(row)
 
@@ -63,6 +73,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def _fmt(v: Any) -> str:

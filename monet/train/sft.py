@@ -16,6 +16,7 @@ micro-batches, all ranks), so the loss does not depend on how a global batch is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -222,7 +223,8 @@ class SFTTrainer:
         self.collate = StageCollator(processor, ce_emphasize_factor=cfg.ce_factor)
         self.step, self.epoch, self.micro_index = 0, 0, 0
         self.metrics = MetricsLogger(cfg.output_dir, every=cfg.log_every, enabled=self.dist.is_main,
-                                     tensorboard=cfg.tensorboard, printer=printer)
+                                     tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                     run_config=dataclasses.asdict(cfg), printer=printer)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
