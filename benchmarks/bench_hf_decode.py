@@ -74,3 +74,35 @@ def test_hf_decode(benchmark, bench_report, small, impl, batch):
     benchmark.pedantic(fn, rounds=1 if impl == "naive" else 3, warmup_rounds=0 if impl == "naive" else 1)
     _report(bench_report).record(f"batch={batch}", impl, benchmark.stats.stats.median,
                                  min_s=benchmark.stats.stats.min, op="generate", params={"batch": batch})
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_latent_vs_plain_interleaved(benchmark, bench_report, small, batch):
+    """Latent and plain decoding alternated round by round, so machine drift hits both equally."""
+    import statistics
+    import time
+
+    model, processor = small
+    ids = model.monet_config.token_ids
+    no_eos = {e: -1e9 for e in eos_token_ids(model, processor.tokenizer)}
+    runs = {}
+    for impl, sign in (("latent", 1e9), ("plain", -1e9)):
+        reqs = requests(batch, latent=impl == "latent")
+        bias = {**no_eos, ids.start: sign}
+        runs[impl] = (lambda reqs=reqs, bias=bias: monet.generate(model, processor, reqs, max_new_tokens=STEPS,
+                                                                  latent_size=K, logit_bias=bias))
+    times = {"latent": [], "plain": []}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(5):
+        for impl, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - t0)
+    benchmark.pedantic(runs["latent"], rounds=1, warmup_rounds=0)
+    rep = bench_report("hf_decode_interleaved", baseline="latent", others=("plain",),
+                       goals=(Goal("a latent step costs <= 1.05x a plain step", "plain/latent", 1 / 1.05),),
+                       note=f"{STEPS} steps, latent and plain alternated 5 rounds; medians per generate call")
+    for impl in ("latent", "plain"):
+        rep.record(f"batch={batch}", impl, statistics.median(times[impl]), min_s=min(times[impl]), op="generate",
+                   params={"batch": batch})
