@@ -37,12 +37,14 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention,helper", [("stage2", True), ("causal", False), ("causal", True)])
+@pytest.mark.parametrize("attention,helper,spans", [("stage2", True, [1, 2, 1]), ("causal", False, [1, 2, 1]),
+                                                    ("causal", True, [1, 2, 1]), ("stage2", True, [0, 3, 1])])
 @pytest.mark.parametrize("K", [1, 4])
-def test_latent_forward_matches_sequential_reference(tiny, attention, helper, K):
+def test_latent_forward_matches_sequential_reference(tiny, attention, helper, spans, K):
+    """Rows with different numbers of latents at different columns (one row with none)."""
     model, processor = tiny
-    batch = make_batch(processor, model, K, [1, 2, 1], attention, helper_images=helper, seed=K)
-    assert int(batch.latent_mask.sum()) == 4 * K
+    batch = make_batch(processor, model, K, spans, attention, helper_images=helper, seed=K)
+    assert int(batch.latent_mask.sum()) == sum(spans) * K
     torch.manual_seed(0)
     weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size)
 

@@ -5,8 +5,9 @@ final-norm hidden state of position ``p - 1`` (SPEC sections 4-5). Computing tho
 with autograd (what the research code does: one KV-cached forward per latent step) is slow and
 memory-hungry. Here:
 
-1. **Decode** (no grad): the latent values ``z`` are computed batched and KV-cached, in chunks that
-   end just before each latent column; every chunk uses the stage mask.
+1. **Decode** (no grad): the latent values ``z`` are computed batched and KV-cached, one call per
+   latent index (every row advances to its next latent; ragged chunks padded with masked dummies);
+   every chunk uses the stage mask.
 2. **Latent pass** (grad): one teacher-forced forward over the prefix that ends at the last latent,
    inputs ``z`` (detached) at latent positions, stage mask; ``z~ = h[p - 1]`` is attached to the graph
    and numerically equal to ``z``.
@@ -106,27 +107,67 @@ def _check_batch(batch: LatentBatch) -> None:
         raise ValueError("latent_mask is set on padding positions")
 
 
+def _latent_columns(latent_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, its latent positions in order: ``cols`` [B, J] (padded with L) and ``counts`` [B]."""
+    B, L = latent_mask.shape
+    counts = latent_mask.sum(1)
+    J = int(counts.max()) if B else 0
+    cols = torch.full((B, J), L, dtype=torch.long, device=latent_mask.device)
+    b, p = latent_mask.nonzero(as_tuple=True)
+    rank = latent_mask.long().cumsum(1)[b, p] - 1
+    cols[b, rank] = p
+    return cols, counts
+
+
 @torch.no_grad()
 def decode_latents(
     model: Any, embeds: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor, latent_mask: torch.Tensor
 ) -> torch.Tensor:
     """Pass 1: sequential latent values, batched and KV-cached. Returns embeds with ``z`` written
-    at the latent positions ([B, L, D], no graph)."""
+    at the latent positions ([B, L, D], no graph).
+
+    Step ``j`` runs, for every row at once, that row's tokens from its previous latent up to (not
+    including) its ``j``-th latent, so a batch needs ``max_b(#latents_b)`` forward calls wherever its
+    rows' latents sit. Rows' chunks have different lengths: they are right-padded with dummy tokens
+    that no query may attend to (and that attend only to themselves); the KV cache therefore holds,
+    per row, real positions interleaved with dummies, tracked in ``slot_pos`` (-1 = dummy), and each
+    step's mask is gathered from the stage mask at the real positions.
+    """
     embeds = embeds.detach().clone()
-    cols = latent_mask.any(0).nonzero().flatten().tolist()
-    if not cols:
+    cols, counts = _latent_columns(latent_mask)
+    if cols.shape[1] == 0:
         return embeds
-    cache, start = None, 0
+    allowed = mask4d[:, 0] if mask4d.dtype == torch.bool else mask4d[:, 0] == 0  # [B, L, L]
+    B, dev = embeds.shape[0], embeds.device
+    rows = torch.arange(B, device=dev)
+    prev_end = torch.zeros(B, dtype=torch.long, device=dev)
+    slot_pos = torch.empty(B, 0, dtype=torch.long, device=dev)
+    cache = None
     lm = model.model.language_model
     was_training = lm.training
     lm.eval()  # gradient-checkpointed layers drop the KV cache in training mode; this pass has no grad
     try:
-        for col in cols:  # chunk [start, col) ends just before a latent column
-            hidden, cache = run_text_model(model, embeds[:, start:col], positions[:, :, start:col],
-                                           mask4d[:, :, start:col, :col], past_key_values=cache, use_cache=True)
-            rows = latent_mask[:, col]
-            embeds[rows, col] = hidden[rows, -1]
-            start = col
+        for j in range(cols.shape[1]):
+            active = j < counts
+            end = torch.where(active, cols[:, j], prev_end)
+            lens = end - prev_end  # 0 for rows that are done
+            T = int(lens.max())
+            t = torch.arange(T, device=dev)
+            real = t[None, :] < lens[:, None]  # [B, T]
+            qpos = torch.where(real, prev_end[:, None] + t[None, :], -1)
+            q = qpos.clamp(min=0)
+            x = embeds[rows[:, None], q] * real[..., None].to(embeds.dtype)
+            pos = positions[:, rows[:, None], q]
+            slot_pos = torch.cat([slot_pos, qpos], dim=1)
+            S = slot_pos.shape[1]
+            m = allowed[rows[:, None, None], q[:, :, None], slot_pos.clamp(min=0)[:, None, :]]
+            m &= (slot_pos >= 0)[:, None, :] & real[:, :, None]
+            own = torch.arange(S, device=dev)[None, None, :] == (S - T + t)[None, :, None]
+            m |= ~real[:, :, None] & own  # dummy queries see only themselves (no empty softmax row)
+            hidden, cache = run_text_model(model, x, pos, m[:, None], past_key_values=cache, use_cache=True)
+            last = hidden[rows, (lens - 1).clamp(min=0)]
+            embeds[rows[active], end[active]] = last[active]
+            prev_end = end
     finally:
         lm.train(was_training)
     return embeds
