@@ -174,3 +174,19 @@ def test_deepspeed_zero2_matches_plain_data_parallel(setup, tmp_path):
         torch.testing.assert_close(finals["zero2"][k], finals["plain"][k], rtol=1e-4, atol=1e-6)
         changed += not torch.equal(finals["plain"][k], start[k])
     assert changed > 10
+
+
+def test_stage2_refuses_an_incomplete_teacher_store(setup, tmp_path):
+    """Pre-flight: every training sample must have teacher states before step 1."""
+    from monet.train.teacher_store import TeacherStoreWriter
+
+    root, data, ckpt = setup
+    model, _ = monet.load_model(ckpt)
+    store = tmp_path / "partial"
+    n_layers = model.config.text_config.num_hidden_layers + 1
+    with TeacherStoreWriter(store, num_layers_total=n_layers, dtype=torch.float32,
+                            hidden_size=model.config.text_config.hidden_size, kind="observation_reps") as w:
+        w.add("Synth_Zoom/train-000000", torch.zeros(n_layers, 3, model.config.text_config.hidden_size))
+    cfg = config(root, data, ckpt, 2, "partial", teacher="store", teacher_store=str(store), max_steps=1)
+    with pytest.raises(ValueError, match="lacks 7 of 8 training samples"):
+        run_sft(cfg, progress=False, printer=lambda _: None)

@@ -97,7 +97,7 @@ class TeacherSource:
         if cfg.teacher == "store":
             from monet.train.teacher_store import TeacherStore
 
-            self.store = TeacherStore(cfg.teacher_store)
+            self.store = TeacherStore(cfg.teacher_store, kind=STORE_KIND[cfg.stage])
         elif cfg.teacher == "online":
             from monet.model.loading import load_model
 
@@ -220,6 +220,11 @@ class SFTTrainer:
         self.teacher = None
         if cfg.stage > 1 and cfg.teacher != "none":
             self.teacher = TeacherSource(cfg, cfg.alignment_layers, self.device, teacher_examples, processor)
+            if self.teacher.store is not None:  # fail before training, not at the first sample without states
+                missing = self.teacher.store.missing([example_key(examples, i) for i in range(len(examples))])
+                if missing:
+                    raise ValueError(f"teacher store {cfg.teacher_store} lacks {len(missing)} of {len(examples)} "
+                                     f"training samples (e.g. {missing[:3]}); run `monet precompute` on the same data")
         self.collate = StageCollator(processor, ce_emphasize_factor=cfg.ce_factor)
         self.step, self.epoch, self.micro_index = 0, 0, 0
         self.metrics = MetricsLogger(cfg.output_dir, every=cfg.log_every, enabled=self.dist.is_main,
