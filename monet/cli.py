@@ -95,6 +95,7 @@ def _add_precompute(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default=None)
+    p.add_argument("--verify", action="store_true", help="afterwards read every entry back (with shard checksums)")
     p.set_defaults(func=_cmd_precompute)
 
 
@@ -104,6 +105,14 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     run_precompute(_load_config(args), args.what, args.out, layers=layers, dtype=args.dtype,
                    batch_size=args.batch_size, device=args.device)
+    if args.verify:
+        from monet.train.teacher_store import verify
+
+        report = verify(args.out, checksums=True)
+        print(f"verify: {report['ok']}/{report['entries']} entries readable")
+        for err in report["errors"][:20]:
+            print(f"  {err}")
+        return 1 if report["errors"] else 0
     return 0
 
 

@@ -49,3 +49,18 @@ def test_quickstart_fast_runs_the_whole_pipeline(tmp_path, capsys):
     assert (tmp_path / "qs" / "teacher_reps" / "index.json").is_file()
     assert (tmp_path / "qs" / "teacher_latents" / "index.json").is_file()
     assert "stage-3 model" in capsys.readouterr().out
+
+
+def test_precompute_with_verify(tmp_path, capsys):
+    import yaml
+
+    from monet.data.synth import synthesize_dataset
+
+    data = synthesize_dataset(tmp_path / "d", n=3, n_eval=0, seed=2)
+    cfg = {"stage": 1, "model": str(build_tiny_checkpoint(cache=True)), "data": [str(data.train_json)],
+           "image_root": str(data.root), "latent_size": 2, "output_dir": str(tmp_path / "o"), "teacher": "none"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["precompute", "teacher-reps", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "store"),
+               "--dtype", "float32", "--verify", "--device", "cpu"])
+    assert rc == 0
+    assert "verify: 3/3 entries readable" in capsys.readouterr().out
