@@ -22,7 +22,7 @@ import pytest
 import monet
 from monet.model.decoding import eos_token_ids
 from monet.testing import build_tiny_checkpoint, synthetic_image
-from report import Goal
+from report import Goal, time_interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from latent_reference import naive_latent_decode  # noqa: E402
@@ -79,9 +79,6 @@ def test_hf_decode(benchmark, bench_report, small, impl, batch):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_latent_vs_plain_interleaved(benchmark, bench_report, small, batch):
     """Latent and plain decoding alternated round by round, so machine drift hits both equally."""
-    import statistics
-    import time
-
     model, processor = small
     ids = model.monet_config.token_ids
     no_eos = {e: -1e9 for e in eos_token_ids(model, processor.tokenizer)}
@@ -91,18 +88,9 @@ def test_latent_vs_plain_interleaved(benchmark, bench_report, small, batch):
         bias = {**no_eos, ids.start: sign}
         runs[impl] = (lambda reqs=reqs, bias=bias: monet.generate(model, processor, reqs, max_new_tokens=STEPS,
                                                                   latent_size=K, logit_bias=bias))
-    times = {"latent": [], "plain": []}
-    for fn in runs.values():
-        fn()  # warm-up
-    for _ in range(5):
-        for impl, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[impl].append(time.perf_counter() - t0)
+    times = time_interleaved(runs)
     benchmark.pedantic(runs["latent"], rounds=1, warmup_rounds=0)
-    rep = bench_report("hf_decode_interleaved", baseline="latent", others=("plain",),
-                       goals=(Goal("a latent step costs <= 1.05x a plain step", "plain/latent", 1 / 1.05),),
-                       note=f"{STEPS} steps, latent and plain alternated 5 rounds; medians per generate call")
-    for impl in ("latent", "plain"):
-        rep.record(f"batch={batch}", impl, statistics.median(times[impl]), min_s=min(times[impl]), op="generate",
-                   params={"batch": batch})
+    bench_report("hf_decode_interleaved", baseline="latent", others=("plain",),
+                 goals=(Goal("a latent step costs <= 1.05x a plain step", "plain/latent", 1 / 1.05),),
+                 note=f"{STEPS} steps, latent and plain alternated 5 rounds; medians per generate call",
+                 ).record_times(f"batch={batch}", times, op="generate", params={"batch": batch})

@@ -23,7 +23,7 @@ import pytest
 import monet
 from monet.model.decoding import eos_token_ids
 from monet.testing import build_tiny_checkpoint, synthetic_image
-from report import Goal
+from report import Goal, time_interleaved
 
 pytest.importorskip("vllm")
 
@@ -98,9 +98,6 @@ def test_vllm_decode(benchmark, bench_report, engine, hf, impl, batch):
 @pytest.mark.parametrize("batch", [1, 16])
 def test_vllm_latent_vs_plain_interleaved(benchmark, bench_report, engine, hf, batch):
     """Latent and plain decoding in the same engine alternated round by round (drift hits both)."""
-    import statistics
-    import time
-
     model, processor = hf
     ids = model.monet_config.token_ids
     no_eos = {e: -1e9 for e in eos_token_ids(model, processor.tokenizer)}
@@ -109,18 +106,9 @@ def test_vllm_latent_vs_plain_interleaved(benchmark, bench_report, engine, hf, b
         reqs = requests(batch, impl == "latent")
         kw = dict(max_new_tokens=STEPS, latent_size=K, logit_bias={**no_eos, ids.start: sign})
         runs[impl] = lambda reqs=reqs, kw=kw: engine.generate(reqs, **kw)
-    for fn in runs.values():
-        fn()
-    times = {"latent": [], "plain": []}
-    for _ in range(5):
-        for impl, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[impl].append(time.perf_counter() - t0)
+    times = time_interleaved(runs)
     benchmark.pedantic(runs["latent"], rounds=1, warmup_rounds=0)
-    rep = bench_report("vllm_decode_interleaved", baseline="latent", others=("plain",),
-                       goals=(Goal("latent decoding within 3% of plain decoding", "plain/latent", 0.97),),
-                       note=f"{STEPS} steps, same engine, latent and plain alternated 5 rounds; medians per call")
-    for impl in ("latent", "plain"):
-        rep.record(f"batch={batch}", impl, statistics.median(times[impl]), min_s=min(times[impl]), op="generate",
-                   params={"batch": batch})
+    bench_report("vllm_decode_interleaved", baseline="latent", others=("plain",),
+                 goals=(Goal("latent decoding within 3% of plain decoding", "plain/latent", 0.97),),
+                 note=f"{STEPS} steps, same engine, latent and plain alternated 5 rounds; medians per call",
+                 ).record_times(f"batch={batch}", times, op="generate", params={"batch": batch})

@@ -15,6 +15,8 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,6 +85,12 @@ class Report:
         if impl not in (self.baseline, *self.others):
             self.others += (impl,)
 
+    def record_times(self, case: str, times: dict[str, list[float]], *, op: str = "",
+                     params: dict | None = None) -> None:
+        """Record the median (and min) of each implementation's per-call times."""
+        for impl, ts in times.items():
+            self.record(case, impl, statistics.median(ts), min_s=min(ts), op=op, params=params)
+
     def impls(self) -> list[str]:
         return [self.baseline, *self.others]
 
@@ -133,6 +141,22 @@ class Report:
             lines.append(f"goal{'' if len(self.goals) == 1 else f' {i + 1}'}: {g.description} "
                          f"({g.ratio} >= {g.threshold:g}): met in {met}/{judged} applicable cases")
         return "\n".join(lines)
+
+
+def time_interleaved(runs: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, list[float]]:
+    """Warm every run up once, then call them in alternation ``rounds`` times; per-call seconds.
+
+    Alternating makes slow drift of a shared machine hit every implementation alike, which a
+    one-after-the-other benchmark cannot (on these VMs it swings whole runs by +-10%)."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def _us(t: float | None) -> str:
