@@ -112,6 +112,8 @@ def test_generate_errors(tiny, tmp_path):
         monet.generate(model, processor, {"images": []})
     with pytest.raises(ValueError, match="max_new_tokens"):
         monet.generate(model, processor, "hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="logit_bias token ids must lie in"):
+        monet.generate(model, processor, "hi", latent_size=2, logit_bias={10 ** 6: 1.0})
 
 
 def test_render_spans(tiny):

@@ -19,7 +19,7 @@ from monet.layout import check_latent_size, check_layout, counter_for_prompt_end
 from monet.model.forward import embed_multimodal, mrope_positions, run_text_model
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests, encode_requests
-from monet.model.sampling import SamplingParams, sample_tokens
+from monet.model.sampling import SamplingParams, logit_bias_vector, sample_tokens
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LatentTokenIds
 
@@ -120,6 +120,7 @@ def generate(
     pad_token = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
     embed_weight = model.get_input_embeddings().weight
     lm_head = model.get_output_embeddings()
+    bias = logit_bias_vector(params, lm_head.weight.shape[0], device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -140,8 +141,8 @@ def generate(
     for t in range(max_new_tokens):
         steps = t + 1
         logits = lm_head(h).float()
-        tokens = sample_tokens(logits, params, generator)
-        slots = torch.where(finished, -1, rows)
+        tokens = sample_tokens(logits, params, generator, bias)
+        slots = torch.where(finished, -1, rows)  # finished rows are in text mode: no state to update
         in_text = remaining == 0
         ops.latent_advance_(tokens, h, slots, remaining, prev_hidden, start_id=ids.start, pad_id=ids.pad,
                             end_id=ids.end, latent_size=K, monet_v1=monet_v1, check_indices=False)
@@ -157,8 +158,7 @@ def generate(
         finished |= hit_eos
         if t + 1 == max_new_tokens or bool(finished.all()):
             break
-        ops.latent_embed_(step_input, tokens, torch.where(finished, -1, rows), remaining, prev_hidden,
-                          embed_weight, K, check_indices=False)
+        ops.latent_embed_(step_input, tokens, slots, remaining, prev_hidden, embed_weight, K, check_indices=False)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = next_pos.view(1, B, 1).expand(3, B, 1)
         hidden, cache = run_text_model(model, step_input.unsqueeze(1), pos, attn, past_key_values=cache, use_cache=True)

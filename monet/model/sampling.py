@@ -30,14 +30,24 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] int64."""
-    if params.logit_bias:
-        idx = torch.tensor(list(params.logit_bias), dtype=torch.int64, device=logits.device)
-        val = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        if int(idx.min()) < 0 or int(idx.max()) >= logits.shape[-1]:
-            raise ValueError(f"logit_bias token ids must lie in [0, {logits.shape[-1]})")
-        logits = logits.index_add(-1, idx, val.expand(logits.shape[0], -1))
+def logit_bias_vector(params: SamplingParams, vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """The logit bias as a dense [V] float32 vector (built once per generate call), or None."""
+    if not params.logit_bias:
+        return None
+    bad = [t for t in params.logit_bias if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias token ids must lie in [0, {vocab_size}), got {bad}")
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    for t, v in params.logit_bias.items():
+        bias[int(t)] += float(v)
+    return bias.to(device)
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (float32) -> token ids [B] int64; ``bias`` from :func:`logit_bias_vector`."""
+    if bias is not None:
+        logits = logits + bias
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
