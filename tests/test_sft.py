@@ -190,3 +190,16 @@ def test_stage2_refuses_an_incomplete_teacher_store(setup, tmp_path):
     cfg = config(root, data, ckpt, 2, "partial", teacher="store", teacher_store=str(store), max_steps=1)
     with pytest.raises(ValueError, match="lacks 7 of 8 training samples"):
         run_sft(cfg, progress=False, printer=lambda _: None)
+
+
+def test_collated_stage2_metadata_gives_the_same_mask_as_recomputing(setup):
+    from monet.model.training import attention_mask_4d
+
+    root, data, ckpt = setup
+    cfg = config(root, data, ckpt, 2, "meta")
+    model, processor = monet.load_model(cfg.model, latent_size=K)
+    ex = load_stage_dataset(cfg, processor, 2, printer=lambda _: None)
+    lb = StageCollator(processor)([ex[i] for i in range(3)]).to_latent_batch()
+    assert lb.kind is not None and lb.step is not None
+    fresh = replace(lb, kind=None, step=None)
+    assert torch.equal(attention_mask_4d(model, lb, torch.float32), attention_mask_4d(model, fresh, torch.float32))

@@ -58,7 +58,8 @@ class StageBatch:
         from monet.model.training import LatentBatch
 
         return LatentBatch(self.input_ids, self.attention_mask, self.latent_mask, self.pixel_values,
-                           self.image_grid_thw, "stage2" if self.stage == 2 else "causal", self.answer_start)
+                           self.image_grid_thw, "stage2" if self.stage == 2 else "causal", self.answer_start,
+                           self.kind, self.step)
 
 
 def _pad(rows: Sequence[torch.Tensor], length: int, value, dtype: torch.dtype) -> torch.Tensor:

@@ -40,7 +40,8 @@ class LatentBatch:
 
     ``latent_mask`` [B, L] bool marks positions whose input is a latent. ``attention="stage2"``
     uses the helper-image mask of SPEC section 5 (needs ``answer_start`` [B] to tell question
-    images from helper images); ``"causal"`` is plain causal with padding.
+    images from helper images, or the ``kind``/``step`` metadata of :func:`monet.ops.latent_segments`
+    when the collator already computed it); ``"causal"`` is plain causal with padding.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +51,8 @@ class LatentBatch:
     image_grid_thw: torch.Tensor | None = None
     attention: AttentionKind = "causal"
     answer_start: torch.Tensor | None = None
+    kind: torch.Tensor | None = None  # [B, L] int8, stage 2
+    step: torch.Tensor | None = None  # [B, L] int32, stage 2
 
     def to(self, device: torch.device | str) -> "LatentBatch":
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
@@ -82,9 +85,12 @@ def attention_mask_4d(model: Any, batch: LatentBatch, dtype: torch.dtype) -> tor
     """Additive ``[B, 1, L, L]`` mask of the batch's attention kind (native op)."""
     ids, am = batch.input_ids, batch.attention_mask
     if batch.attention == "stage2":
-        if batch.answer_start is None:
+        if batch.kind is not None and batch.step is not None:
+            kind, step = batch.kind, batch.step
+        elif batch.answer_start is None:
             raise ValueError("attention='stage2' needs answer_start (first position of the assistant turn per row)")
-        kind, step = ops.latent_segments(ids, am, batch.answer_start, **ids_for_model(model))
+        else:
+            kind, step = ops.latent_segments(ids, am, batch.answer_start, **ids_for_model(model))
     elif batch.attention == "causal":
         kind = torch.where(am.bool(), ops.KIND_TEXT, ops.KIND_PAD).to(torch.int8)
         step = torch.full_like(ids, -1, dtype=torch.int32)
