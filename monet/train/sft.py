@@ -302,59 +302,51 @@ class SFTTrainer:
         return idx
 
     def train_step(self, micro: list[StageBatch]) -> StepLosses:
-        cfg = self.cfg
+        """One optimizer step over ``micro`` (the accumulation window), plain or DeepSpeed."""
+        cfg, engine = self.cfg, self.engine
         local_w = sum(float(b.weights[:, 1:][b.labels[:, 1:] != -100].sum()) for b in micro)
         w_total = all_reduce_sum(torch.tensor(local_w, dtype=torch.float64), self.dist).float().clamp_min(1e-12)
+        lr = self.scheduler.get_last_lr()[0]
         ce_total, align_vals, tokens = 0.0, [], 0
-        if self.engine is not None:
-            return self._deepspeed_step(micro, w_total)
-        self.optimizer.zero_grad(set_to_none=True)
+        if engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         for batch in micro:
-            with autocast_context(self.device, cfg.dtype):
+            # DeepSpeed converts the model itself for bf16; our own path uses autocast
+            with autocast_context(self.device, cfg.dtype) if engine is None else nullcontext():
                 loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
                                                  len(micro), self.dist.world_size)
-            loss.backward()
+            if engine is None:
+                loss.backward()
+            else:  # DeepSpeed divides by the accumulation steps and averages over ranks: undo both
+                engine.backward(loss * (len(micro) * self.dist.world_size))
+                engine.step()
             ce_total += parts["ce_sum"]
             if "alignment" in parts:
                 align_vals.append(parts["alignment"])
             tokens += int(batch.attention_mask.sum())
-        if self.dist.enabled:  # data parallel: sum gradients over ranks (losses are globally normalised)
+        if engine is None:
+            grad_norm = self._optimizer_step()
+        else:
+            norm = engine.get_global_grad_norm()
+            grad_norm = None if norm is None else float(norm)
+        ce = float(all_reduce_sum(torch.tensor(ce_total, dtype=torch.float64), self.dist)) / float(w_total)
+        align = sum(align_vals) / len(align_vals) if align_vals else None
+        total = ce + (cfg.alignment_weight * align if align is not None else 0.0)
+        return StepLosses(total, ce, align, grad_norm, lr, tokens)
+
+    def _optimizer_step(self) -> float | None:
+        """Sum gradients over ranks (losses are globally normalised), clip, step. Returns the norm."""
+        if self.dist.enabled:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
         grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        if self.cfg.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return self._step_losses(ce_total, w_total, align_vals, grad_norm, lr, tokens)
-
-    def _step_losses(self, ce_total, w_total, align_vals, grad_norm, lr, tokens) -> StepLosses:
-        ce = float(all_reduce_sum(torch.tensor(ce_total, dtype=torch.float64), self.dist)) / float(w_total)
-        align = sum(align_vals) / len(align_vals) if align_vals else None
-        total = ce + (self.cfg.alignment_weight * align if align is not None else 0.0)
-        return StepLosses(total, ce, align, grad_norm, lr, tokens)
-
-    def _deepspeed_step(self, micro: list[StageBatch], w_total: torch.Tensor) -> StepLosses:
-        """DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
-        over ranks; multiplying by both keeps the step-global normalisation of :func:`micro_batch_losses`."""
-        engine, cfg = self.engine, self.cfg
-        ce_total, align_vals, tokens = 0.0, [], 0
-        lr = self.scheduler.get_last_lr()[0]
-        for batch in micro:
-            loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
-                                             len(micro), self.dist.world_size)
-            engine.backward(loss * (len(micro) * self.dist.world_size))
-            engine.step()
-            ce_total += parts["ce_sum"]
-            if "alignment" in parts:
-                align_vals.append(parts["alignment"])
-            tokens += int(batch.attention_mask.sum())
-        norm = engine.get_global_grad_norm()
-        grad_norm = None if norm is None else float(norm)
-        return self._step_losses(ce_total, w_total, align_vals, grad_norm, lr, tokens)
+        return grad_norm
 
     def close(self) -> None:
         """Release DeepSpeed and the process group (torchrun runs)."""
