@@ -1,7 +1,7 @@
 """HF-path latent decoding throughput: monet.generate vs plain decoding vs the naive reference.
 
-Small preset (hidden 512, 8 layers), fp32, CPU. Every request decodes exactly ``STEPS`` tokens
-(EOS disabled by logit bias) so runs are comparable step for step:
+Small preset (hidden 512, 8 layers), fp32, CPU (``--bench-device cuda``: GPU). Every request
+decodes exactly ``STEPS`` tokens (EOS disabled by logit bias) so runs are comparable step for step:
 
 * ``latent``: spans back to back (prompt ends with START, START forced by a huge logit bias
   whenever text is sampled): START, 8 PADs, END, START, ... — 80% of the steps feed a hidden state back.
@@ -32,8 +32,8 @@ K = 8
 
 
 @pytest.fixture(scope="module")
-def small():
-    return monet.load_model(build_tiny_checkpoint(preset="small", cache=True), dtype="float32")
+def small(bench_device):
+    return monet.load_model(build_tiny_checkpoint(preset="small", cache=True), dtype="float32", device=bench_device)
 
 
 def requests(batch: int, latent: bool):
@@ -41,18 +41,18 @@ def requests(batch: int, latent: bool):
             for i in range(batch)]
 
 
-def _report(bench_report):
+def _report(bench_report, device):
     return bench_report(
         "hf_decode", baseline="latent", others=("plain", "naive"),
         goals=(Goal("monet.generate >= 20x the naive reference at batch 8", "naive/latent", 20.0,
                     lambda c: c.params.get("batch") == 8),
                Goal("a latent step costs <= 1.05x a plain step", "plain/latent", 1 / 1.05)),
-        note=f"{STEPS} decode steps per request, small preset, fp32, CPU; times are per generate call")
+        note=f"{STEPS} decode steps per request, small preset, fp32, {device.type}; times are per generate call")
 
 
 @pytest.mark.parametrize("batch", [1, 8, 32])
 @pytest.mark.parametrize("impl", ["latent", "plain", "naive"])
-def test_hf_decode(benchmark, bench_report, small, impl, batch):
+def test_hf_decode(benchmark, bench_report, bench_device, small, impl, batch):
     model, processor = small
     if impl == "naive" and batch > 8:
         pytest.skip("naive reference only at batch <= 8 (it recomputes the whole sequence per step)")
@@ -72,7 +72,7 @@ def test_hf_decode(benchmark, bench_report, small, impl, batch):
             assert all(len(o.token_ids) == STEPS for o in outs)
             assert all((len(o.latent_positions) >= K * (STEPS // (K + 2))) == (impl == "latent") for o in outs)
     benchmark.pedantic(fn, rounds=1 if impl == "naive" else 3, warmup_rounds=0 if impl == "naive" else 1)
-    _report(bench_report).record(f"batch={batch}", impl, benchmark.stats.stats.median,
+    _report(bench_report, bench_device).record(f"batch={batch}", impl, benchmark.stats.stats.median,
                                  min_s=benchmark.stats.stats.min, op="generate", params={"batch": batch})
 
 

@@ -7,6 +7,9 @@ latent loop needs the KV cache, which checkpointed layers cannot use). Time per 
 there is no allocator peak counter; on CUDA ``max_memory_allocated`` is recorded too).
 
 Goals (issue 3): >= 3x faster and >= 2x lower peak memory than the sequential reference.
+
+``--bench-device cuda`` runs it on a GPU (then also ``train_peak_memory``: the allocator's peak
+above what was allocated before the step, and a batch-16 stage-2-like case).
 """
 
 from __future__ import annotations
@@ -21,18 +24,23 @@ import monet
 from monet.model.training import attention_mask_4d, latent_forward
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
-from report import Goal
+from report import Goal, synchronize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from latent_reference import sequential_latent_forward  # noqa: E402
 
 K = 8
-CASES = {"stage2-like": ("stage2", True), "stage3-like": ("causal", False)}
+SPANS = [2, 1, 2, 1]
+#: case -> (attention, helper images, latent spans per sample)
+CASES = {"stage2-like": ("stage2", True, SPANS), "stage3-like": ("causal", False, SPANS),
+         "stage2-like-b16": ("stage2", True, SPANS * 4)}
+GPU_ONLY = {"stage2-like-b16"}  # on 2 CPU cores it takes minutes and shows nothing new
 
 
 @pytest.fixture(scope="module")
-def small():
-    model, processor = monet.load_model(build_tiny_checkpoint(preset="small", cache=True), dtype="float32")
+def small(bench_device):
+    model, processor = monet.load_model(build_tiny_checkpoint(preset="small", cache=True), dtype="float32",
+                                        device=bench_device)
     model.train()
     return model, processor
 
@@ -90,12 +98,18 @@ def _grads(model):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("impl", ["three_pass", "sequential"])
-def test_train_forward(benchmark, bench_report, small, case, impl):
+def test_train_forward(benchmark, bench_report, bench_device, small, case, impl):
+    if case in GPU_ONLY and bench_device.type != "cuda":
+        pytest.skip(f"{case}: measured with --bench-device cuda only")
     model, processor = small
-    attention, helpers = CASES[case]
-    batch = latent_training_batch(model, processor, K, [2, 1, 2, 1], attention, helpers, seed=1)
+    attention, helpers, spans = CASES[case]
+    batch = latent_training_batch(model, processor, K, spans, attention, helpers, seed=1).to(bench_device)
     vs_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    fn = (lambda: run_ours(model, batch)) if impl == "three_pass" else (lambda: run_sequential(model, batch, vs_id))
+    run = (lambda: run_ours(model, batch)) if impl == "three_pass" else (lambda: run_sequential(model, batch, vs_id))
+
+    def fn():
+        run()
+        synchronize(bench_device)
 
     # same gradients first (so the benchmark cannot time wrong code)
     model.zero_grad(set_to_none=True)
@@ -110,8 +124,14 @@ def test_train_forward(benchmark, bench_report, small, case, impl):
     model.zero_grad(set_to_none=True)
     with SavedBytes() as saved:
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    peak = None
+    if bench_device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        synchronize(bench_device)
+        torch.cuda.reset_peak_memory_stats(bench_device)
+        before = torch.cuda.memory_allocated(bench_device)
+        fn()
+        peak = torch.cuda.max_memory_allocated(bench_device) - before
 
     def setup():
         model.zero_grad(set_to_none=True)
@@ -120,10 +140,17 @@ def test_train_forward(benchmark, bench_report, small, case, impl):
     rep = bench_report(
         "train_forward", baseline="three_pass", others=("sequential",),
         goals=(Goal(">= 3x faster than the sequential reference", "sequential/three_pass", 3.0),),
-        note=f"small preset, fp32, batch 4, K={K}, forward+backward; memory in saved_activation_bytes")
+        note=f"small preset, fp32, {bench_device.type}, K={K}, forward+backward; memory in saved_activation_bytes")
     rep.record(case, impl, benchmark.stats.stats.median, min_s=benchmark.stats.stats.min, op="fwd+bwd",
-               params={"tokens": int(batch.attention_mask.sum()), "latents": int(batch.latent_mask.sum())})
+               params={"batch": len(spans), "tokens": int(batch.attention_mask.sum()),
+                       "latents": int(batch.latent_mask.sum())})
     mem = bench_report("train_memory", baseline="three_pass", others=("sequential",),
                        goals=(Goal(">= 2x lower activation memory", "sequential/three_pass", 2.0),),
                        note="bytes autograd saves for backward (reported in the 'us' columns as MB*1e-6 s)")
     mem.record(case, impl, saved.total / 1e12, op="saved_activation_MB", params={"bytes": saved.total})
+    if peak is not None:
+        bench_report("train_peak_memory", baseline="three_pass", others=("sequential",),
+                     goals=(Goal(">= 2x lower peak memory", "sequential/three_pass", 2.0),),
+                     note="CUDA allocator peak during one step above the memory allocated before it "
+                          "(reported in the 'us' columns as MB*1e-6 s)",
+                     ).record(case, impl, peak / 1e12, op="peak_MB", params={"bytes": peak})

@@ -10,6 +10,8 @@
   self-calibrated round budget (keeps the whole run short on 2 cores) and returns ``(median, min)``
   in seconds (None when benchmarking is disabled).
 * ``--bench-threads N`` (default 1, 0 = torch's default) sets torch's intra-op threads.
+* ``--bench-device cpu|cuda`` (default cpu): where the model benchmarks (HF decode, training
+  forward) put the model; fixture ``bench_device``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def pytest_addoption(parser):
                     help="torch intra-op threads while benchmarking; 0 keeps torch's default. Default 1: "
                          "on the shared 2-core VMs waking a second OpenMP thread often costs a 4-8 ms "
                          "scheduler tick, which swamps every op that enters a parallel region")
+    group.addoption("--bench-device", default="cpu", metavar="DEVICE",
+                    help="device for the model benchmarks (cpu or cuda; default cpu)")
 
 
 def pytest_configure(config):
@@ -57,6 +61,16 @@ def pytest_collect_file(file_path, parent):
             and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+@pytest.fixture(scope="session")
+def bench_device(request):
+    import torch
+
+    device = torch.device(request.config.getoption("--bench-device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--bench-device cuda: torch sees no CUDA device on this machine", returncode=4)
+    return device
 
 
 @pytest.fixture(scope="session")

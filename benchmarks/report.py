@@ -143,6 +143,14 @@ class Report:
         return "\n".join(lines)
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so host timers measure it (no-op on CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_interleaved(runs: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, list[float]]:
     """Warm every run up once, then call them in alternation ``rounds`` times; per-call seconds.
 

@@ -25,7 +25,7 @@ def _embed(model, ids: torch.Tensor, pixel_values, grid) -> torch.Tensor:
 
 def _positions(model, ids: torch.Tensor, grid) -> torch.Tensor:
     if grid is None:
-        return torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+        return torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1).expand(3, 1, -1)
     types = (ids == model.config.image_token_id).int()
     pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid)
     return pos
@@ -33,7 +33,7 @@ def _positions(model, ids: torch.Tensor, grid) -> torch.Tensor:
 
 def full_hidden(model, ids: list[int], latents: dict[int, torch.Tensor], pixel_values, grid) -> torch.Tensor:
     """Final-norm hidden states [L, D] of the whole sequence, latents written at their positions."""
-    t = torch.tensor([ids])
+    t = torch.tensor([ids], device=model.device)
     emb = _embed(model, t, pixel_values, grid)
     for p, v in latents.items():
         emb[0, p] = v
@@ -55,6 +55,8 @@ def naive_latent_decode(model, processor, request, *, latent_size, layout, max_n
     text, images = render_prompt(processor, as_request(request))
     enc = processor(text=[text], images=images or None, return_tensors="pt")
     pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
+    if pixel_values is not None:
+        pixel_values, grid = pixel_values.to(model.device), grid.to(model.device)
     ids = enc["input_ids"][0].tolist()
     n_prompt = len(ids)
     latents: dict[int, torch.Tensor] = {}
@@ -88,7 +90,8 @@ def naive_latent_decode(model, processor, request, *, latent_size, layout, max_n
         if not forced and token in eos_ids and latent_inputs == 0 and token not in (PAD, END):
             break
     pos = sorted(latents)
-    vecs = torch.stack([latents[p] for p in pos]) if pos else torch.zeros(0, model.config.text_config.hidden_size)
+    vecs = (torch.stack([latents[p] for p in pos]).cpu() if pos
+            else torch.zeros(0, model.config.text_config.hidden_size))
     return gen, [p - n_prompt for p in pos], vecs
 
 

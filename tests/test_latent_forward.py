@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -11,10 +13,14 @@ from monet.model.training import LatentBatch, attention_mask_4d, latent_forward
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
 
+@functools.cache
+def tiny_on(device: str):
+    return monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32", device=device)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    model, processor = monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32")
-    return model, processor
+    return tiny_on("cpu")
 
 
 def make_batch(processor, model, K, spans_per_sample, attention, helper_images=True, seed=0):
@@ -40,13 +46,14 @@ def grads(model):
 @pytest.mark.parametrize("attention,helper,spans", [("stage2", True, [1, 2, 1]), ("causal", False, [1, 2, 1]),
                                                     ("causal", True, [1, 2, 1]), ("stage2", True, [0, 3, 1])])
 @pytest.mark.parametrize("K", [1, 4])
-def test_latent_forward_matches_sequential_reference(tiny, attention, helper, spans, K):
+def test_latent_forward_matches_sequential_reference(device, attention, helper, spans, K):
     """Rows with different numbers of latents at different columns (one row with none)."""
-    model, processor = tiny
-    batch = make_batch(processor, model, K, spans, attention, helper_images=helper, seed=K)
+    model, processor = tiny_on(device.type)
+    tol = 1e-5 if device.type == "cpu" else 1e-4  # GPU kernels reduce in other orders
+    batch = make_batch(processor, model, K, spans, attention, helper_images=helper, seed=K).to(device)
     assert int(batch.latent_mask.sum()) == sum(spans) * K
     torch.manual_seed(0)
-    weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size)
+    weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size).to(device)
 
     model.zero_grad(set_to_none=True)
     out = latent_forward(model, batch)
@@ -63,18 +70,18 @@ def test_latent_forward_matches_sequential_reference(tiny, attention, helper, sp
         hidden, zt = sequential_latent_forward(model, s.input_ids, s.attention_mask, s.latent_mask, mask4d,
                                                s.pixel_values, s.image_grid_thw)
         n = s.input_ids.shape[1]
-        torch.testing.assert_close(out.hidden[b, :n], hidden[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.hidden[b, :n], hidden[0], rtol=tol, atol=tol)
         ref_latents.append(zt)
         # same loss, written per sample (sum over the batch's valid positions / batch count)
         lse = torch.logsumexp(model.lm_head(hidden).float(), -1)
         total = total + lse.sum() / n_valid_total + (hidden[0] * weights[:n]).sum() * 1e-2
     total.backward()
     ref = grads(model)
-    torch.testing.assert_close(out.latents, torch.cat(ref_latents), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.latents, torch.cat(ref_latents), rtol=tol, atol=tol)
     assert ours.keys() == ref.keys() and len(ref) > 10
     for name in ref:
         err = (ours[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
-        assert err < 1e-5, f"{name}: relative gradient error {err:.2e}"
+        assert err < tol, f"{name}: relative gradient error {err:.2e}"
 
 
 def test_latent_forward_gradient_checkpointing_and_capture(tiny):
