@@ -17,10 +17,10 @@ step "machine"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
 } >>"$LOG" 2>&1
-CC=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || { echo "no CUDA device" | tee -a "$LOG"; exit 1; }
+CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || { echo "no CUDA device" | tee -a "$LOG"; exit 1; }
 
-step "build monet._C for sm_${CC/./}"
-MONET_CUDA_ARCHS="$CC" MAX_JOBS=${MAX_JOBS:-16} timeout 200 "$PY" setup.py -q build_ext --inplace >>"$LOG" 2>&1 \
+step "build monet._C for sm_${CAP/./}"
+MONET_CUDA_ARCHS="$CAP" MAX_JOBS=${MAX_JOBS:-16} timeout 200 "$PY" setup.py -q build_ext --inplace >>"$LOG" 2>&1 \
   || { echo "build failed" | tee -a "$LOG"; tail -40 "$LOG"; exit 1; }
 "$PY" -c "import monet.ops.native as n; print('monet._C:', n.available())" >>"$LOG" 2>&1
 
