@@ -4,9 +4,17 @@
 # JSON into OUT_DIR. Uses the python3 on PATH (or $PYTHON), which must hold a CUDA build of torch
 # and the packages of pyproject.toml; nothing is installed.
 #
-#   scripts/gpu_check.sh OUT_DIR
+#   scripts/gpu_check.sh OUT_DIR [--skip-tests] [BENCH_FILE ...]
+#
+# BENCH_FILEs default to benchmarks/bench_train_forward.py and benchmarks/bench_hf_decode.py.
 set -u
-OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+USAGE="usage: scripts/gpu_check.sh OUT_DIR [--skip-tests] [BENCH_FILE ...]"
+OUT=${1:?$USAGE}
+shift
+RUN_TESTS=1
+if [ "${1:-}" = "--skip-tests" ]; then RUN_TESTS=0; shift; fi
+BENCH=("$@")
+[ ${#BENCH[@]} -eq 0 ] && BENCH=(benchmarks/bench_train_forward.py benchmarks/bench_hf_decode.py)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,13 +32,15 @@ MONET_CUDA_ARCHS="$CAP" MAX_JOBS=${MAX_JOBS:-16} timeout 200 "$PY" setup.py -q b
   || { echo "build failed" | tee -a "$LOG"; tail -40 "$LOG"; exit 1; }
 "$PY" -c "import monet.ops.native as n; print('monet._C:', n.available())" >>"$LOG" 2>&1
 
-step "CUDA tests"
-timeout -s INT -k 20 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops.py tests/test_generate.py \
-  tests/test_latent_forward.py >>"$LOG" 2>&1
-echo "CUDA tests exit code $?" | tee -a "$LOG"
+if [ $RUN_TESTS = 1 ]; then
+  step "CUDA tests"
+  timeout -s INT -k 20 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops.py tests/test_generate.py \
+    tests/test_latent_forward.py >>"$LOG" 2>&1
+  echo "CUDA tests exit code $?" | tee -a "$LOG"
+fi
 
 step "GPU benchmarks"
-timeout -s INT -k 20 260 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_forward.py benchmarks/bench_hf_decode.py \
+timeout -s INT -k 20 260 "$PY" -m pytest -q -p no:cacheprovider "${BENCH[@]}" \
   --bench-device cuda --bench-threads 0 --bench-out "$OUT" >>"$LOG" 2>&1
 echo "benchmarks exit code $?" | tee -a "$LOG"
 step "done"
