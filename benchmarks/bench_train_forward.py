@@ -1,10 +1,15 @@
 """Latent training forward + backward: the three-pass scheme vs the sequential research-style loop.
 
-Same batch, same gradients (checked first). Both sides use activation checkpointing where they
-can: the three-pass scheme in both grad passes, the research loop only in its loss pass (its
-latent loop needs the KV cache, which checkpointed layers cannot use). Time per forward+backward and activation memory
+Same batch, same loss (the trainer's chunked next-token CE over every real non-latent token), same
+gradients (checked first). Both sides use activation checkpointing where they can: the three-pass
+scheme in both grad passes, the research loop only in its loss pass (its latent loop needs the KV
+cache, which checkpointed layers cannot use). The research loop handles one sample at a time
+(backward per sample, gradients accumulated), as the research code does (batch size 1 only); the
+three-pass scheme takes the padded batch in one go. Time per forward+backward and activation memory
 (bytes of the tensors autograd saves for backward, counted with ``saved_tensors_hooks`` — on CPU
-there is no allocator peak counter; on CUDA ``max_memory_allocated`` is recorded too).
+there is no allocator peak counter; on CUDA ``max_memory_allocated`` is recorded too). The
+``-b1`` case compares both at the same micro-batch (one sample), where peak memory is comparable:
+at batch > 1 the loop's peak is that of one sample while the batched scheme holds the whole batch.
 
 Goals (issue 3): >= 3x faster and >= 2x lower peak memory than the sequential reference.
 
@@ -28,6 +33,7 @@ import monet
 from monet.model.training import attention_mask_4d, latent_forward
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
+from monet.train.losses import weighted_ce_sum
 from report import Goal, synchronize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -37,7 +43,7 @@ K = 8
 SPANS = [2, 1, 2, 1]
 #: case -> (attention, helper images, latent spans per sample)
 CASES = {"stage2-like": ("stage2", True, SPANS), "stage3-like": ("causal", False, SPANS),
-         "stage2-like-b16": ("stage2", True, SPANS * 4)}
+         "stage2-like-b1": ("stage2", True, [2]), "stage2-like-b16": ("stage2", True, SPANS * 4)}
 GPU_ONLY = {"stage2-like-b16"}  # on 2 CPU cores it takes minutes and shows nothing new
 
 
@@ -76,27 +82,39 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
-def _loss(model, hidden, valid):
-    return (torch.logsumexp(model.lm_head(hidden).float(), -1) * valid).sum() / valid.sum()
+def _labels(batch):
+    """Next-token targets on every real, non-latent token (the SFT loss's shape)."""
+    keep = batch.attention_mask.bool() & ~batch.latent_mask
+    return torch.where(keep, batch.input_ids, torch.full_like(batch.input_ids, -100))
+
+
+def _ce(model, hidden, labels, n_targets):
+    """The trainer's chunked CE (no full-vocabulary logits), normalised over the whole batch."""
+    total, _ = weighted_ce_sum(hidden, model.lm_head.weight, labels)
+    return total / n_targets
+
+
+def _n_targets(batch):
+    return (_labels(batch)[:, 1:] != -100).sum()
 
 
 def run_ours(model, batch):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         out = latent_forward(model, batch)
-        _loss(model, out.hidden, batch.attention_mask.bool()).backward()
+        _ce(model, out.hidden, _labels(batch), _n_targets(batch)).backward()
     finally:
         model.gradient_checkpointing_disable()
 
 
 def run_sequential(model, batch, vs_id):
-    n_total = batch.attention_mask.sum()
+    n_total = _n_targets(batch)
     for b in range(batch.input_ids.shape[0]):  # the research code runs one sample at a time
         s = split_batch(batch, b, vs_id)
         mask4d = attention_mask_4d(model, s, torch.float32)
         hidden, _ = sequential_latent_forward(model, s.input_ids, s.attention_mask, s.latent_mask, mask4d,
                                               s.pixel_values, s.image_grid_thw, checkpoint_loss_pass=True)
-        (torch.logsumexp(model.lm_head(hidden).float(), -1).sum() / n_total).backward()
+        _ce(model, hidden, _labels(s), n_total).backward()
 
 
 def _grads(model):
