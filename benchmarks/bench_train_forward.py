@@ -13,10 +13,12 @@ at batch > 1 the loop's peak is that of one sample while the batched scheme hold
 
 Goals (issue 3): >= 3x faster and >= 2x lower peak memory than the sequential reference.
 
-``--bench-device cuda`` runs it on a GPU (then also ``train_peak_memory``: the allocator's peak
-during a step above what was allocated before it — weights and gradients are allocated before it,
-so the peak is what the step's activations and temporaries cost — and a batch-16 stage-2-like
-case). On CUDA, TF32 is switched off: fp32 means fp32, so the gradient check compares like with like
+Reports: ``train_forward`` (time), ``train_memory`` (saved activations) and ``train_peak_memory``
+(the peak tensor memory of a step above what was allocated before it — weights and gradients are
+allocated before it, so the peak is what the step's activations and temporaries cost; see
+:func:`monet.testing.memory.peak_live_bytes`). ``three_pass_joint`` is the scheme with
+``latent_backward="joint"`` (both grad passes in one autograd graph), to show what the nested
+backward saves. ``--bench-device cuda`` runs it on a GPU (plus a batch-16 stage-2-like case). On CUDA, TF32 is switched off: fp32 means fp32, so the gradient check compares like with like
 (cuDNN's default TF32 convolutions in the vision tower differ by ~3e-4 relative between batched and
 per-sample calls).
 """
@@ -33,6 +35,7 @@ import monet
 from monet.model.training import attention_mask_4d, latent_forward
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
+from monet.testing.memory import SavedActivationBytes, peak_live_bytes
 from monet.train.losses import weighted_ce_sum
 from report import Goal, synchronize
 
@@ -58,30 +61,6 @@ def small(bench_device):
     return model, processor
 
 
-class SavedBytes:
-    """Bytes of distinct storages autograd saves while the context is active."""
-
-    def __init__(self):
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        self.seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-
 def _labels(batch):
     """Next-token targets on every real, non-latent token (the SFT loss's shape)."""
     keep = batch.attention_mask.bool() & ~batch.latent_mask
@@ -98,10 +77,10 @@ def _n_targets(batch):
     return (_labels(batch)[:, 1:] != -100).sum()
 
 
-def run_ours(model, batch):
+def run_ours(model, batch, latent_backward="nested"):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
-        out = latent_forward(model, batch)
+        out = latent_forward(model, batch, latent_backward=latent_backward)
         _ce(model, out.hidden, _labels(batch), _n_targets(batch)).backward()
     finally:
         model.gradient_checkpointing_disable()
@@ -121,8 +100,15 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+IMPLS = {
+    "three_pass": lambda model, batch, vs_id: run_ours(model, batch),
+    "three_pass_joint": lambda model, batch, vs_id: run_ours(model, batch, "joint"),
+    "sequential": run_sequential,
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["three_pass", "sequential"])
+@pytest.mark.parametrize("impl", list(IMPLS))
 def test_train_forward(benchmark, bench_report, bench_device, small, case, impl):
     if case in GPU_ONLY and bench_device.type != "cuda":
         pytest.skip(f"{case}: measured with --bench-device cuda only")
@@ -130,52 +116,48 @@ def test_train_forward(benchmark, bench_report, bench_device, small, case, impl)
     attention, helpers, spans = CASES[case]
     batch = latent_training_batch(model, processor, K, spans, attention, helpers, seed=1).to(bench_device)
     vs_id = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    run = (lambda: run_ours(model, batch)) if impl == "three_pass" else (lambda: run_sequential(model, batch, vs_id))
 
     def fn():
-        run()
+        IMPLS[impl](model, batch, vs_id)
         synchronize(bench_device)
 
-    # same gradients first (so the benchmark cannot time wrong code)
+    # same gradients as the sequential reference first (so the benchmark cannot time wrong code)
     model.zero_grad(set_to_none=True)
-    run_ours(model, batch)
-    g_ours = _grads(model)
+    fn()
+    g_impl = _grads(model)
     model.zero_grad(set_to_none=True)
     run_sequential(model, batch, vs_id)
     g_seq = _grads(model)
-    for a, b in zip(g_ours, g_seq):
+    for a, b in zip(g_impl, g_seq):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-12
 
     model.zero_grad(set_to_none=True)
-    with SavedBytes() as saved:
+    with SavedActivationBytes(model.parameters()) as saved:
         fn()
-    peak = None
-    if bench_device.type == "cuda":
-        model.zero_grad(set_to_none=False)  # gradients stay allocated: they are not the step's cost
-        synchronize(bench_device)
-        torch.cuda.reset_peak_memory_stats(bench_device)
-        before = torch.cuda.memory_allocated(bench_device)
-        fn()
-        peak = torch.cuda.max_memory_allocated(bench_device) - before
+    model.zero_grad(set_to_none=False)  # gradients stay allocated: they are not the step's cost
+    peak = peak_live_bytes(fn, bench_device)
 
     def setup():
         model.zero_grad(set_to_none=True)
 
     benchmark.pedantic(fn, setup=setup, rounds=3, warmup_rounds=1)
+    others = tuple(i for i in IMPLS if i != "three_pass")
     rep = bench_report(
-        "train_forward", baseline="three_pass", others=("sequential",),
+        "train_forward", baseline="three_pass", others=others,
         goals=(Goal(">= 3x faster than the sequential reference", "sequential/three_pass", 3.0),),
-        note=f"small preset, fp32, {bench_device.type}, K={K}, forward+backward; memory in saved_activation_bytes")
+        note=f"small preset, fp32, {bench_device.type}, K={K}, forward+backward; "
+             f"three_pass_joint = latent_backward='joint'")
     rep.record(case, impl, benchmark.stats.stats.median, min_s=benchmark.stats.stats.min, op="fwd+bwd",
                params={"batch": len(spans), "tokens": int(batch.attention_mask.sum()),
                        "latents": int(batch.latent_mask.sum())})
-    mem = bench_report("train_memory", baseline="three_pass", others=("sequential",),
-                       goals=(Goal(">= 2x lower activation memory", "sequential/three_pass", 2.0),),
-                       note="bytes autograd saves for backward (reported in the 'us' columns as MB*1e-6 s)")
-    mem.record(case, impl, saved.total / 1e12, op="saved_activation_MB", params={"bytes": saved.total})
-    if peak is not None:
-        bench_report("train_peak_memory", baseline="three_pass", others=("sequential",),
-                     goals=(Goal(">= 2x lower peak memory", "sequential/three_pass", 2.0),),
-                     note="CUDA allocator peak during one step above the memory allocated before it "
-                          "(weights and gradients); reported in the 'us' columns as MB*1e-6 s",
-                     ).record(case, impl, peak / 1e12, op="peak_MB", params={"bytes": peak})
+    bench_report("train_memory", baseline="three_pass", others=others,
+                 goals=(Goal(">= 2x lower activation memory", "sequential/three_pass", 2.0),),
+                 note="bytes autograd saves for backward, parameters excluded "
+                      "(reported in the 'us' columns as MB*1e-6 s)",
+                 ).record(case, impl, saved.total / 1e12, op="saved_activation_MB", params={"bytes": saved.total})
+    bench_report("train_peak_memory", baseline="three_pass", others=others,
+                 goals=(Goal(">= 2x lower peak memory", "sequential/three_pass", 2.0),),
+                 note="peak tensor memory during one step above what was allocated before it (weights and "
+                      "gradients): CUDA allocator peak, or on CPU replayed from the profiler's memory events; "
+                      "reported in the 'us' columns as MB*1e-6 s",
+                 ).record(case, impl, peak / 1e12, op="peak_MB", params={"bytes": peak})

@@ -12,6 +12,8 @@ from latent_reference import sequential_latent_forward
 from monet.model.training import LatentBatch, attention_mask_4d, latent_forward
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
+from monet.testing.memory import peak_live_bytes
+from monet.train.losses import route_through_latents
 
 @functools.cache
 def tiny_on(device: str):
@@ -140,3 +142,66 @@ def test_latent_forward_validation(tiny):
     lm[:, 0] = True
     with pytest.raises(ValueError, match="position 0"):
         latent_forward(model, LatentBatch(**{**batch.__dict__, "latent_mask": lm}))
+    with pytest.raises(ValueError, match="latent_backward must be"):
+        latent_forward(model, batch, latent_backward="both")
+
+
+def _step(model, batch, weights, latent_backward, checkpointing):
+    """CE-like loss + stage-2 style alignment routed through the latents; returns grads."""
+    model.zero_grad(set_to_none=True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        b, p = batch.latent_mask.nonzero(as_tuple=True)
+        out = latent_forward(model, batch, capture=(b, p), latent_backward=latent_backward)
+        align = route_through_latents(out.captured.pow(2).mean(), out.latent_source, scale=0.5)
+        (loss_of(model, out.hidden, batch, weights) + align).backward()
+    finally:
+        model.gradient_checkpointing_disable()
+    return out.hidden.detach(), grads(model)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_nested_and_joint_latent_backward_agree(tiny, checkpointing):
+    model, processor = tiny
+    batch = make_batch(processor, model, 3, [2, 1, 0], "stage2", seed=3)
+    weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size)
+    h_joint, g_joint = _step(model, batch, weights, "joint", checkpointing)
+    h_nested, g_nested = _step(model, batch, weights, "nested", checkpointing)
+    torch.testing.assert_close(h_nested, h_joint, rtol=0, atol=0)
+    assert g_nested.keys() == g_joint.keys() and len(g_joint) > 10
+    for name in g_joint:
+        torch.testing.assert_close(g_nested[name], g_joint[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_nested_latent_backward_lowers_peak_memory(tiny):
+    """Joint: the loss pass's weight gradients wait in autograd's buffers for the latent pass's
+    (a full copy of the decoder's weight gradients); nested: each pass accumulates into .grad."""
+    model, processor = tiny
+    batch = make_batch(processor, model, 3, [2, 1], "stage2", seed=4)
+    weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size)
+
+    def step(mode):
+        out = latent_forward(model, batch, latent_backward=mode)
+        loss_of(model, out.hidden, batch, weights).backward()
+
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        step("joint")  # allocate .grad once: the measurement is about the step's transient memory
+        peaks = {mode: peak_live_bytes(lambda: step(mode)) for mode in ("nested", "joint")}
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    decoder = sum(p.numel() * p.element_size() for p in model.model.language_model.layers.parameters())
+    assert peaks["joint"] - peaks["nested"] > 0.5 * decoder, (peaks, decoder)
+
+
+def test_nested_latent_backward_refuses_second_backward(tiny):
+    model, processor = tiny
+    batch = make_batch(processor, model, 2, [1], "causal", helper_images=False)
+    out = latent_forward(model, batch)
+    loss = out.hidden.pow(2).mean()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()

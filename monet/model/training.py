@@ -18,6 +18,16 @@ Each latent receives its gradient through the computation of ``h[p - 1]`` given 
 the earlier latents inside that computation are treated as constants (the feedback is detached),
 exactly like the sequential reference ``tests/latent_reference.py:sequential_latent_forward``.
 
+Backward memory: the latent pass and the loss pass use the same weights. In one autograd graph the
+engine buffers each weight's loss-pass gradient until the latent pass's contribution arrives, i.e.
+a full extra copy of the language model's gradients lives through the loss pass's backward. By
+default (``latent_backward="nested"``) the latent pass therefore runs in its own graph, backpropagated
+by a nested backward call when the loss pass's backward reaches it (the mechanism of reentrant
+checkpointing), so each pass accumulates straight into ``.grad``. Consequences: weights receive two
+gradient accumulations per step (``.backward()`` only — ``torch.autograd.grad`` does not see the
+latent pass's weight gradients — and no hooks that expect one gradient per step, e.g. DeepSpeed
+ZeRO's reduction hooks: use ``latent_backward="joint"`` there).
+
 Shapes: B batch, L length, D hidden, N latent positions, P captured positions.
 """
 
@@ -32,6 +42,7 @@ from monet import ops
 from monet.model.forward import HiddenCapture, embed_multimodal, mrope_positions, run_text_model
 
 AttentionKind = Literal["causal", "stage2"]
+LatentBackward = Literal["nested", "joint"]
 
 
 @dataclass
@@ -179,18 +190,50 @@ def decode_latents(
     return embeds
 
 
+class _NestedBackward(torch.autograd.Function):
+    """``run(x)`` in a graph of its own; its backward is a nested ``torch.autograd.backward``.
+
+    Forward: ``x`` [B, T, D] -> ``run(x)`` detached; backward: backpropagate the stored graph
+    (parameter gradients accumulate into ``.grad`` there) and return ``x``'s gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, run) -> torch.Tensor:
+        inner = x.detach().requires_grad_(x.requires_grad)
+        with torch.enable_grad():
+            out = run(inner)
+        ctx.graph = (inner, out)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.graph is None:
+            raise RuntimeError("latent_forward(latent_backward='nested') cannot be backpropagated twice; "
+                               "use latent_backward='joint' for retain_graph / repeated backward")
+        inner, out = ctx.graph
+        ctx.graph = None  # frees the latent pass's graph with this call
+        if out.requires_grad:
+            with torch.enable_grad():
+                torch.autograd.backward(out, grad)
+        return (inner.grad if inner.requires_grad else None), None
+
+
 def latent_forward(
     model: Any,
     batch: LatentBatch,
     *,
     capture: tuple[torch.Tensor, torch.Tensor] | None = None,
     capture_layers: list[int] | None = None,
+    latent_backward: LatentBackward = "nested",
 ) -> LatentForwardOutput:
     """Training forward with latents (the three passes of the module docstring).
 
     ``capture=(batch_index [P], position [P])`` also returns all-layer hidden states at those
     positions (layer 0 = embeddings ... last = final norm; ``capture_layers`` selects a subset).
+    ``latent_backward``: ``"nested"`` (default; lower backward peak memory, ``.backward()`` only)
+    or ``"joint"`` (one graph; for ``torch.autograd.grad`` and DeepSpeed ZeRO) — module docstring.
     """
+    if latent_backward not in ("nested", "joint"):
+        raise ValueError(f"latent_backward must be 'nested' or 'joint', got {latent_backward!r}")
     _check_batch(batch)
     ids, am = batch.input_ids, batch.attention_mask
     embeds = embed_multimodal(model, ids, batch.pixel_values, batch.image_grid_thw)
@@ -207,7 +250,14 @@ def latent_forward(
     last = int(lmask.any(0).nonzero().max())  # latent pass needs h up to position last - 1
     z = decode_latents(model, embeds, positions, mask4d, lmask)  # detached values
     latent_in = torch.where(lmask.unsqueeze(-1), z, embeds)  # non-latent rows keep their graph
-    src, _ = run_text_model(model, latent_in[:, :last], positions[:, :, :last], mask4d[:, :, :last, :last])
+
+    def latent_pass(x: torch.Tensor) -> torch.Tensor:  # [B, last, D] -> [B, last, D]
+        return run_text_model(model, x, positions[:, :, :last], mask4d[:, :, :last, :last])[0]
+
+    if latent_backward == "nested" and torch.is_grad_enabled():
+        src = _NestedBackward.apply(latent_in[:, :last], latent_pass)
+    else:
+        src = latent_pass(latent_in[:, :last])
     src_full = torch.nn.functional.pad(src, (0, 0, 0, ids.shape[1] - last))
     loss_inputs = ops.latent_scatter(embeds, src_full, lmask)
     hidden, _ = run_text_model(model, loss_inputs, positions, mask4d, capture=cap)
