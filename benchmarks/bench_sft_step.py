@@ -2,8 +2,8 @@
 
 Same batch (synthetic zoom-in data, stage-2 layout, K=8), same losses (weighted CE + alignment to
 fixed random teacher states routed through the latents), same gradients (checked first). Time of
-forward+backward per micro-batch of 4 samples and activation memory (bytes autograd saves, see
-bench_train_forward.py). Ours: three-pass latent forward with activation checkpointing; reference:
+forward+backward per micro-batch of 4 samples, activation memory (bytes autograd saves, parameters
+excluded) and peak memory above weights + gradients (monet.testing.memory). Ours: three-pass latent forward with activation checkpointing; reference:
 one forward call per latent step per sample, loss pass checkpointed as in the research trainer.
 """
 
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import monet
-from bench_train_forward import SavedBytes
 from monet.data.collate import StageCollator
 from monet.data.preprocess_cache import preprocess_dataset
 from monet.data.sft_loader import load_sft_dataset
@@ -24,6 +23,7 @@ from monet.data.synth import synthesize_dataset
 from monet.model.training import attention_mask_4d
 from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import split_batch
+from monet.testing.memory import SavedActivationBytes, peak_live_bytes
 from monet.train.config import SFTConfig
 from monet.train.losses import alignment_loss, weighted_ce_sum
 from monet.train.sft import aligned_counts, micro_batch_losses
@@ -131,8 +131,10 @@ def test_sft_step(benchmark, bench_report, setup, impl):
     for x, y in zip(a, b):
         assert (x - y).norm() <= 1e-4 * y.norm() + 1e-10, "trainer and sequential gradients differ"
     model.zero_grad(set_to_none=True)
-    with SavedBytes() as saved:
+    with SavedActivationBytes(model.parameters()) as saved:
         fn()
+    model.zero_grad(set_to_none=False)  # gradients stay allocated: they are not the step's cost
+    peak = peak_live_bytes(fn)
     benchmark.pedantic(fn, setup=lambda: model.zero_grad(set_to_none=True), rounds=3, warmup_rounds=1)
     params = {"tokens": int(batch.attention_mask.sum()), "latents": int(batch.latent_mask.sum())}
     bench_report("sft_step", baseline="trainer", others=("sequential",),
@@ -141,5 +143,10 @@ def test_sft_step(benchmark, bench_report, setup, impl):
         "stage2", impl, benchmark.stats.stats.median, min_s=benchmark.stats.stats.min, op="step", params=params)
     bench_report("sft_step_memory", baseline="trainer", others=("sequential",),
                  goals=(Goal("lower activation memory", "sequential/trainer", 1.0),),
-                 note="bytes autograd saves for backward, shown in the 'us' columns as MB").record(
-        "stage2", impl, saved.total / 1e12, op="saved_activation_MB", params={"bytes": saved.total})
+                 note="bytes autograd saves for backward (parameters excluded), shown in the 'us' columns as MB",
+                 ).record("stage2", impl, saved.total / 1e12, op="saved_activation_MB", params={"bytes": saved.total})
+    bench_report("sft_step_peak_memory", baseline="trainer", others=("sequential",),
+                 goals=(Goal("lower peak memory", "sequential/trainer", 1.0),),
+                 note="peak tensor memory of a step above weights + gradients (CPU: replayed from profiler "
+                      "memory events), shown in the 'us' columns as MB",
+                 ).record("stage2", impl, peak / 1e12, op="peak_MB", params={"bytes": peak})

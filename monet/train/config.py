@@ -40,6 +40,9 @@ class SFTConfig:
     max_grad_norm: float | None = 1.0
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
+    # latent pass backward (monet.model.training): "nested" (lower peak memory), "joint" (one autograd
+    # graph; needed by DeepSpeed ZeRO, which reduces each gradient once), "auto" = joint iff DeepSpeed
+    latent_backward: str = "auto"
     freeze_vision: bool = True
     seed: int = 0
     # losses
@@ -81,11 +84,23 @@ class SFTConfig:
             raise ValueError(f"stage {self.stage} with teacher='online' needs teacher_model")
         if self.alignment_axis not in ("hidden", "token"):
             raise ValueError(f"alignment_axis must be 'hidden' or 'token', got {self.alignment_axis!r}")
+        if self.latent_backward not in ("auto", "nested", "joint"):
+            raise ValueError(f"latent_backward must be 'auto', 'nested' or 'joint', got {self.latent_backward!r}")
+        if self.latent_backward == "nested" and self.deepspeed:
+            raise ValueError("latent_backward='nested' cannot be used with DeepSpeed (ZeRO reduces each gradient "
+                             "once per step); use 'joint' or 'auto'")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name in ("micro_batch_size", "grad_accum", "latent_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def latent_backward_mode(self) -> str:
+        """``latent_backward`` with ``"auto"`` resolved."""
+        if self.latent_backward != "auto":
+            return self.latent_backward
+        return "joint" if self.deepspeed else "nested"
 
     @property
     def ce_factor(self) -> float:

@@ -143,9 +143,8 @@ def micro_batch_losses(model: Any, batch: StageBatch, cfg: SFTConfig, teacher: T
     which = ALIGN_POSITIONS.get(cfg.stage)
     use_align = which is not None and teacher is not None and cfg.alignment_weight > 0
     capture = aligned_positions(batch, which) if use_align else None
-    # DeepSpeed ZeRO reduces each gradient once per step: keep both grad passes in one graph there.
     out = latent_forward(model, batch.to_latent_batch(), capture=capture, capture_layers=cfg.alignment_layers,
-                         latent_backward="joint" if cfg.deepspeed else "nested")
+                         latent_backward=cfg.latent_backward_mode)
     head = model.get_output_embeddings().weight
     ce_sum, _ = weighted_ce_sum(out.hidden, head, batch.labels, batch.weights, chunk_size=cfg.ce_chunk_size)
     loss = ce_sum / ce_weight_total
