@@ -11,14 +11,23 @@ so runs compare step for step:
   decoding in the same engine (the latent hooks still run; no request is in a span);
 * ``hf``: monet.generate with the ``latent`` settings on the same checkpoint.
 
-Times are per generate call (prefill included, same for every implementation). Ratios:
+Both paths get the same cores: the vLLM engine uses every core it may run on (engine-core and
+front-end processes), so the HF path runs with as many torch threads as there are such cores (not
+the benchmarks' default of 1); ``cpu_per_wall_<impl>`` in the JSON records the CPU seconds per
+second each one used. Times are per generate call (prefill included, same for every implementation). Ratios:
 ``plain/latent`` (>= ~0.95 means a latent step costs about a plain step) and ``hf/latent`` (speed-up
 of the vLLM path). Run: ``pytest benchmarks/bench_vllm_decode.py`` (JSON in benchmarks/results/).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from contextlib import contextmanager
+
+import psutil
 import pytest
+import torch
 
 import monet
 from monet.model.decoding import eos_token_ids
@@ -58,6 +67,32 @@ def requests(batch: int, latent: bool):
                                 force_latent=latent) for i in range(batch)]
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_per_wall(fn) -> float:
+    """CPU seconds per wall second that this process and its children (the engine) spend in ``fn()``."""
+    tree = [psutil.Process()] + psutil.Process().children(recursive=True)
+
+    def cpu() -> float:
+        return sum(t.user + t.system for t in (p.cpu_times() for p in tree))
+
+    c0, t0 = cpu(), time.perf_counter()
+    fn()
+    return (cpu() - c0) / (time.perf_counter() - t0)
+
+
 def _report(bench_report):
     return bench_report(
         "vllm_decode", baseline="latent", others=("plain", "hf"),
@@ -65,7 +100,8 @@ def _report(bench_report):
                Goal("vLLM path >= 3x monet.generate at batch 16 (issue goal)", "hf/latent", 3.0,
                     lambda c: c.params.get("batch") == 16)),
         note=f"{STEPS} decode steps per request, K={K}, small preset, fp32, CPU (vLLM CPU V1 runner); "
-             "times are per generate call, prefill included")
+             f"times are per generate call, prefill included; HF path with {_cores()} torch threads "
+             f"(the cores the engine uses)")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -90,9 +126,12 @@ def test_vllm_decode(benchmark, bench_report, engine, hf, impl, batch):
             assert all((len(o.latent_positions) >= K * (STEPS // (K + 2))) == latent for o in outs)
 
     rounds = 1 if impl == "hf" and batch == max(BATCHES) else 3
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+    with torch_threads(_cores() if impl == "hf" else torch.get_num_threads()):
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
+        usage = cpu_per_wall(fn)
     _report(bench_report).record(f"batch={batch}", impl, benchmark.stats.stats.median,
-                                 min_s=benchmark.stats.stats.min, op="generate", params={"batch": batch})
+                                 min_s=benchmark.stats.stats.min, op="generate",
+                                 params={"batch": batch, f"cpu_per_wall_{impl}": round(usage, 2)})
 
 
 @pytest.mark.parametrize("batch", [1, 16])

@@ -78,7 +78,8 @@ class Report:
 
     def record(self, case: str, impl: str, median_s: float, *, min_s: float | None = None, op: str = "",
                params: dict | None = None) -> None:
-        c = self.cases.setdefault(case, Case(case, op, dict(params or {})))
+        c = self.cases.setdefault(case, Case(case, op))
+        c.params.update(params or {})  # implementations may add their own keys
         c.median_s[impl] = float(median_s)
         if min_s is not None:
             c.min_s[impl] = float(min_s)
