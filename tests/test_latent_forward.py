@@ -205,3 +205,22 @@ def test_nested_latent_backward_refuses_second_backward(tiny):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
+
+
+def test_nested_latent_backward_under_bf16_autocast(tiny):
+    """The trainer's bf16 autocast: both passes share autocast's cached bf16 weight copies; nested
+    backward sums their gradients per pass (joint: all uses in bf16 at once), so they agree to bf16."""
+    model, processor = tiny
+    batch = make_batch(processor, model, 3, [2, 1], "stage2", seed=2)
+    res = {}
+    for mode in ("joint", "nested"):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = latent_forward(model, batch, latent_backward=mode)
+            loss = torch.logsumexp(model.lm_head(out.hidden).float(), -1).mean()
+        loss.backward()
+        res[mode] = grads(model)
+    assert res["nested"].keys() == res["joint"].keys() and len(res["joint"]) > 10
+    for name, g in res["joint"].items():
+        err = (res["nested"][name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < 1e-2, f"{name}: relative gradient difference {err:.2e}"

@@ -26,7 +26,9 @@ by a nested backward call when the loss pass's backward reaches it (the mechanis
 checkpointing), so each pass accumulates straight into ``.grad``. Consequences: weights receive two
 gradient accumulations per step (``.backward()`` only — ``torch.autograd.grad`` does not see the
 latent pass's weight gradients — and no hooks that expect one gradient per step, e.g. DeepSpeed
-ZeRO's reduction hooks: use ``latent_backward="joint"`` there).
+ZeRO's reduction hooks: use ``latent_backward="joint"`` there). Under bf16 autocast the two modes agree
+to bf16 rounding (joint sums both passes' gradients of autocast's cached bf16 weight copies in bf16,
+nested per pass).
 
 Shapes: B batch, L length, D hidden, N latent positions, P captured positions.
 """
