@@ -224,3 +224,22 @@ def test_nested_latent_backward_under_bf16_autocast(tiny):
     for name, g in res["joint"].items():
         err = (res["nested"][name] - g).norm() / g.norm().clamp_min(1e-12)
         assert err < 1e-2, f"{name}: relative gradient difference {err:.2e}"
+
+
+def test_nested_latent_backward_with_frozen_embeddings_and_vision(tiny):
+    """The latent pass's inputs need no grad then, but its layers do: their gradients must not vanish."""
+    model, processor = tiny
+    batch = make_batch(processor, model, 3, [2, 1], "stage2", seed=6)
+    weights = torch.randn(batch.input_ids.shape[1], model.config.text_config.hidden_size)
+    frozen = list(model.get_input_embeddings().parameters()) + list(model.model.visual.parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        _, g_joint = _step(model, batch, weights, "joint", checkpointing=False)
+        _, g_nested = _step(model, batch, weights, "nested", checkpointing=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    assert g_nested.keys() == g_joint.keys() and len(g_joint) > 10
+    for name in g_joint:
+        torch.testing.assert_close(g_nested[name], g_joint[name], rtol=1e-6, atol=1e-9, msg=name)

@@ -196,10 +196,12 @@ class _NestedBackward(torch.autograd.Function):
     """``run(x)`` in a graph of its own; its backward is a nested ``torch.autograd.backward``.
 
     Forward: ``x`` [B, T, D] -> ``run(x)`` detached; backward: backpropagate the stored graph
-    (parameter gradients accumulate into ``.grad`` there) and return ``x``'s gradient."""
+    (parameter gradients accumulate into ``.grad`` there) and return ``x``'s gradient. ``anchor``
+    is a scalar that requires grad: it makes the output require grad (so backward reaches this node)
+    even when ``x`` does not, e.g. with frozen embeddings and vision tower but trainable layers."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, run) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, run) -> torch.Tensor:
         inner = x.detach().requires_grad_(x.requires_grad)
         with torch.enable_grad():
             out = run(inner)
@@ -216,7 +218,7 @@ class _NestedBackward(torch.autograd.Function):
         if out.requires_grad:
             with torch.enable_grad():
                 torch.autograd.backward(out, grad)
-        return (inner.grad if inner.requires_grad else None), None
+        return (inner.grad if inner.requires_grad else None), None, None
 
 
 def latent_forward(
@@ -257,7 +259,8 @@ def latent_forward(
         return run_text_model(model, x, positions[:, :, :last], mask4d[:, :, :last, :last])[0]
 
     if latent_backward == "nested" and torch.is_grad_enabled():
-        src = _NestedBackward.apply(latent_in[:, :last], latent_pass)
+        anchor = torch.zeros((), requires_grad=True)
+        src = _NestedBackward.apply(latent_in[:, :last], anchor, latent_pass)
     else:
         src = latent_pass(latent_in[:, :last])
     src_full = torch.nn.functional.pad(src, (0, 0, 0, ids.shape[1] - last))
