@@ -3,8 +3,9 @@
 Same batch (synthetic zoom-in data, stage-2 layout, K=8), same losses (weighted CE + alignment to
 fixed random teacher states routed through the latents), same gradients (checked first). Time of
 forward+backward per micro-batch of 4 samples, activation memory (bytes autograd saves, parameters
-excluded) and peak memory above weights + gradients (monet.testing.memory). Ours: three-pass latent forward with activation checkpointing; reference:
-one forward call per latent step per sample, loss pass checkpointed as in the research trainer.
+excluded) and peak memory above weights + gradients (monet.testing.memory). Ours: three-pass latent
+forward with activation checkpointing; reference: one forward call per latent step per sample, loss
+pass checkpointed as in the research trainer.
 """
 
 from __future__ import annotations

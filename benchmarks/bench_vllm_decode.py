@@ -25,7 +25,6 @@ import os
 import time
 from contextlib import contextmanager
 
-import psutil
 import pytest
 import torch
 
@@ -83,6 +82,8 @@ def torch_threads(n: int):
 
 def cpu_per_wall(fn) -> float:
     """CPU seconds per wall second that this process and its children (the engine) spend in ``fn()``."""
+    import psutil  # a vLLM dependency
+
     tree = [psutil.Process()] + psutil.Process().children(recursive=True)
 
     def cpu() -> float:

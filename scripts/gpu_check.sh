@@ -2,7 +2,7 @@
 # One-shot GPU check: build monet._C in place for this machine's GPU, run every CUDA test, then the
 # HF-path GPU benchmarks (training forward+backward, latent decoding). Writes logs and benchmark
 # JSON into OUT_DIR. Uses the python3 on PATH (or $PYTHON), which must hold a CUDA build of torch
-# and the packages of pyproject.toml; nothing is installed.
+# and the packages of pyproject.toml; nothing is installed. Exits non-zero when a step fails.
 #
 #   scripts/gpu_check.sh OUT_DIR [--skip-tests] [BENCH_FILE ...]
 #
@@ -30,18 +30,21 @@ CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()
 step "build monet._C for sm_${CAP/./}"
 MONET_CUDA_ARCHS="$CAP" MAX_JOBS=${MAX_JOBS:-16} timeout 200 "$PY" setup.py -q build_ext --inplace >>"$LOG" 2>&1 \
   || { echo "build failed" | tee -a "$LOG"; tail -40 "$LOG"; exit 1; }
-"$PY" -c "import monet.ops.native as n; print('monet._C:', n.available())" >>"$LOG" 2>&1
+"$PY" -c "import monet.ops.native as n, sys; print('monet._C:', n.available()); sys.exit(not n.available())" \
+  >>"$LOG" 2>&1 || { echo "monet._C did not load" | tee -a "$LOG"; exit 1; }
+STATUS=0
 
 if [ $RUN_TESTS = 1 ]; then
   step "CUDA tests"
   timeout -s INT -k 20 150 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops.py tests/test_generate.py \
     tests/test_latent_forward.py >>"$LOG" 2>&1
-  echo "CUDA tests exit code $?" | tee -a "$LOG"
+  rc=$?; echo "CUDA tests exit code $rc" | tee -a "$LOG"; [ $rc = 0 ] || STATUS=1
 fi
 
 step "GPU benchmarks"
 timeout -s INT -k 20 260 "$PY" -m pytest -q -p no:cacheprovider "${BENCH[@]}" \
   --bench-device cuda --bench-threads 0 --bench-out "$OUT" >>"$LOG" 2>&1
-echo "benchmarks exit code $?" | tee -a "$LOG"
+rc=$?; echo "benchmarks exit code $rc" | tee -a "$LOG"; [ $rc = 0 ] || STATUS=1
 step "done"
 tail -60 "$LOG"
+exit $STATUS

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -10,3 +12,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@functools.cache
+def _load_tiny(device: str, dtype: str = "float32"):
+    import monet
+    from monet.testing import build_tiny_checkpoint
+
+    return monet.load_model(build_tiny_checkpoint(cache=True), dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def tiny_on():
+    """``tiny_on(device, dtype="float32") -> (model, processor)``: the tiny random checkpoint, loaded
+    once per (device, dtype) for the whole session (tests that change it restore it)."""
+    return _load_tiny

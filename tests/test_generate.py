@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -16,19 +15,14 @@ from monet.testing import build_tiny_checkpoint
 from monet.testing.requests import mixed_requests
 
 
-@functools.cache
-def tiny_on(device: str, dtype: str = "float32"):
-    return monet.load_model(build_tiny_checkpoint(cache=True), dtype=dtype, device=device)
-
-
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_on):
     return tiny_on("cpu")
 
 
 @pytest.mark.parametrize("layout", ["standard", "monet-v1"])
 @pytest.mark.parametrize("K", [1, 3, 8])
-def test_generate_matches_naive_decoder(device, layout, K):
+def test_generate_matches_naive_decoder(tiny_on, device, layout, K):
     model, processor = tiny_on(device.type)
     tol = 1e-5 if device.type == "cpu" else 1e-4  # GPU kernels reduce in other orders
     start = model.monet_config.token_ids.start
@@ -94,7 +88,7 @@ def test_seed_reproducible(tiny):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
-def test_generate_bf16_runs(device):
+def test_generate_bf16_runs(tiny_on, device):
     model, processor = tiny_on(device.type, "bfloat16")
     assert model.dtype == torch.bfloat16 and model.device.type == device.type
     outs = monet.generate(model, processor, mixed_requests()[:3], max_new_tokens=8, latent_size=2, return_latents=True)

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-import monet
 from latent_reference import sequential_latent_forward
 from monet.model.training import LatentBatch, attention_mask_4d, latent_forward
-from monet.testing import build_tiny_checkpoint
 from monet.testing.batches import latent_training_batch, split_batch
 from monet.testing.memory import peak_live_bytes
 from monet.train.losses import route_through_latents
 
-@functools.cache
-def tiny_on(device: str):
-    return monet.load_model(build_tiny_checkpoint(cache=True), dtype="float32", device=device)
-
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_on):
     return tiny_on("cpu")
 
 
@@ -48,7 +40,7 @@ def grads(model):
 @pytest.mark.parametrize("attention,helper,spans", [("stage2", True, [1, 2, 1]), ("causal", False, [1, 2, 1]),
                                                     ("causal", True, [1, 2, 1]), ("stage2", True, [0, 3, 1])])
 @pytest.mark.parametrize("K", [1, 4])
-def test_latent_forward_matches_sequential_reference(device, attention, helper, spans, K):
+def test_latent_forward_matches_sequential_reference(tiny_on, device, attention, helper, spans, K):
     """Rows with different numbers of latents at different columns (one row with none)."""
     model, processor = tiny_on(device.type)
     tol = 1e-5 if device.type == "cpu" else 1e-4  # GPU kernels reduce in other orders
