@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from monet.layout import SpanLayout
 from monet.tokens import LATENT_END, LATENT_PAD, LATENT_START, MONET_TOKENS, LatentTokenIds
 
 
@@ -23,6 +24,8 @@ _LAZY = {  # heavy (transformers) imports happen on first use, so `import monet`
     "LatentRequest": "monet.model",
     "LatentGeneration": "monet.model",
     "MonetConfig": "monet.model",
+    "SamplingParams": "monet.model",
+    "LatentAblation": "monet.model",
 }
 
 
@@ -42,6 +45,9 @@ __all__ = [
     "LatentRequest",
     "LatentGeneration",
     "MonetConfig",
+    "SamplingParams",
+    "LatentAblation",
+    "SpanLayout",
     "LatentTokenIds",
     "MONET_TOKENS",
     "LATENT_START",

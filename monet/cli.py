@@ -15,7 +15,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="user message")
     p.add_argument("--latent-size", type=int, default=None, help="latent steps per span (default: model's config)")
     p.add_argument("--layout", choices=["standard", "monet-v1"], default=None)
-    p.add_argument("--force-latent", action="store_true", help="append START so decoding opens with a latent span")
+    p.add_argument("--force-latent", action="store_true", help="open the answer with a latent span (START forced as the first generated token)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as e:
         print(f"monet {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ reported ``token_ids`` then begin with START.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence, overload
 
@@ -48,8 +49,8 @@ FORCE_START = -1
 
 
 def _parse_latent_size(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        value = int(value.strip())  # CLI flags and HTTP values arrive as strings
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"latent_size must be an int >= 1, got {value!r}")
     if value < 1:
@@ -101,6 +102,13 @@ class SpanLayout:
         return self.latent_size if self.monet_v1 else self.latent_size + 1
 
     @property
+    def counter_on_prompt_start(self) -> int:
+        """Counter value for a prompt that still ends with START when it reaches the decoder (only
+        a raw vLLM engine prompt can; the front ends strip it): START was embedded as a prompt token,
+        so K latents follow — the standard layout's rule, whatever the kind."""
+        return self.latent_size + 1
+
+    @property
     def span_length(self) -> int:
         """Number of emitted tokens of one span, START and END included."""
         return self.latent_size + 1 if self.monet_v1 else self.latent_size + 2
@@ -119,6 +127,11 @@ class SpanLayout:
         """Whether the next input of a request with this counter is a latent (ints or tensors)."""
         return (remaining >= 1) & (remaining <= self.latent_size)
 
+    @staticmethod
+    def is_latent_input_per_slot(remaining: torch.Tensor, latent_size: torch.Tensor) -> torch.Tensor:
+        """:meth:`is_latent_input` for a batch whose rows have different latent sizes."""
+        return (remaining >= 1) & (remaining <= latent_size)
+
     def advance(self, remaining: int, sampled: int, *, start_id: int, pad_id: int, end_id: int) -> tuple[int, int]:
         """One post-sample step of the span state machine: ``(emitted token, new counter)``.
 
@@ -131,18 +144,14 @@ class SpanLayout:
             return pad_id, remaining - 1
         return end_id, 0
 
-    def replay_latent_positions(self, token_ids: Sequence[int], *, start_id: int) -> list[int]:
+    def replay_latent_positions(self, token_ids: Sequence[int], *, start_id: int, initial: int = 0) -> list[int]:
         """Indices of generated tokens whose *input* was a latent, by replaying the counter over the
-        emitted ids (inside spans tokens are forced, so only START matters)."""
-        out, r = [], 0
+        emitted ids (inside spans tokens are forced, so only START matters). ``initial`` is the
+        counter before the first token (0, ``FORCE_START`` or :attr:`counter_on_prompt_start`)."""
+        out, r = [], initial
         for j, t in enumerate(token_ids):
-            if r == 0:
-                r = self.counter_on_start if int(t) == start_id else 0
-            elif r > 1:
-                r -= 1
-            else:
-                r = 0
-            if 1 <= r <= self.latent_size:
+            _, r = self.advance(r, int(t), start_id=start_id, pad_id=-1, end_id=-1)
+            if self.is_latent_input(r):
                 out.append(j)
         return out
 

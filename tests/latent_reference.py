@@ -43,44 +43,48 @@ def full_hidden(model, ids: list[int], latents: dict[int, torch.Tensor], pixel_v
 
 @torch.no_grad()
 def naive_latent_decode(model, processor, request, *, latent_size, layout, max_new_tokens, eos_ids,
-                        logit_bias=None):
+                        logit_bias=None, first_step_bias=None):
     """Greedy latent decoding of one request by full recomputation each step.
 
+    A prompt ending with START is decoded as the same prompt without START with START emitted as
+    the first generated token, through the very code path of a *sampled* START (the principle the
+    engines must follow). ``first_step_bias`` adds to the logits of the first step only (to make the
+    model itself sample START there).
     Returns (generated ids, latent positions relative to the generated ids, latent vectors [n, D]).
     """
     tok = processor.tokenizer
     START = tok.convert_tokens_to_ids("<abs_vis_token>")
     PAD = tok.convert_tokens_to_ids("<abs_vis_token_pad>")
     END = tok.convert_tokens_to_ids("</abs_vis_token>")
-    text, images = render_prompt(processor, as_request(request))
-    enc = processor(text=[text], images=images or None, return_tensors="pt")
+    text, images, force_start = render_prompt(processor, as_request(request))
+    enc = processor(text=[text + ("<abs_vis_token>" if force_start else "")], images=images or None,
+                    return_tensors="pt")
     pixel_values, grid = enc.get("pixel_values"), enc.get("image_grid_thw")
     if pixel_values is not None:
         pixel_values, grid = pixel_values.to(model.device), grid.to(model.device)
     ids = enc["input_ids"][0].tolist()
+    forced: list[int] = []          # tokens still to be emitted (forced) before sampling resumes
+    if ids[-1] == START:            # the prompt's START becomes the first generated token
+        ids.pop()
+        forced = [START]
     n_prompt = len(ids)
     latents: dict[int, torch.Tensor] = {}
-    forced: list[int] = []          # tokens still to be emitted inside the open span
     latent_inputs = 0               # how many of the next emitted tokens take a latent input
-    if ids[-1] == START:            # prompt ends with START: K latents follow in both layouts
-        forced, latent_inputs = [PAD] * latent_size + [END], latent_size
     gen: list[int] = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         h = full_hidden(model, ids, latents, pixel_values, grid)[-1]
         logits = model.lm_head(h).float()
-        if logit_bias:
-            for t, b in logit_bias.items():
+        for bias in (logit_bias, first_step_bias if step == 0 else None):
+            for t, b in (bias or {}).items():
                 logits[t] += b
         choice = int(logits.argmax())
-        if forced:
-            token = forced.pop(0)
-        else:
-            token = choice
-            if token == START:
-                if layout == "monet-v1":   # START itself takes the latent; K-1 PADs follow
-                    forced, latent_inputs = [PAD] * (latent_size - 1) + [END], latent_size
-                else:                      # START embedded normally; K PADs take latents
-                    forced, latent_inputs = [PAD] * latent_size + [END], latent_size + 1
+        in_span = latent_inputs > 0 or (forced and forced[0] != START)
+        token = forced.pop(0) if forced else choice
+        if token == START and not in_span:
+            if layout == "monet-v1":   # START itself takes the latent; K-1 PADs follow
+                forced, latent_inputs = [PAD] * (latent_size - 1) + [END], latent_size
+            else:                      # START embedded normally; K PADs take latents
+                forced, latent_inputs = [PAD] * latent_size + [END], latent_size + 1
         ids.append(token)
         gen.append(token)
         if latent_inputs:

@@ -43,6 +43,42 @@ def test_generate_matches_naive_decoder(tiny_on, device, layout, K):
     assert len(first_span - {None}) >= 2 and 0 in first_span
 
 
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_forced_start_equals_sampled_start(tiny, layout, K):
+    """A prompt ending with START (raw, or force_latent) gives exactly the tokens and latents of the
+    same prompt where the model itself samples START as its first token (sequential reference)."""
+    from monet.model.requests import render_prompt
+    from monet.testing.tiny_model import synthetic_image
+
+    model, processor = tiny
+    start = model.monet_config.token_ids.start
+    eos = eos_token_ids(model, processor.tokenizer)
+    base = monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)])
+    text, images, forced = render_prompt(processor, base)
+    assert not forced
+    by_flag = monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True)
+    by_prompt = monet.LatentRequest(prompt=text + monet.LATENT_START, images=images, raw_prompt=True)
+    n = K + 8
+    outs = monet.generate(model, processor, [by_flag, by_prompt, "hello"], max_new_tokens=n, latent_size=K,
+                          layout=layout, return_latents=True)
+    ref_sampled = naive_latent_decode(model, processor, base, latent_size=K, layout=layout, max_new_tokens=n,
+                                      eos_ids=eos, first_step_bias={start: 1e4})
+    ref_forced = naive_latent_decode(model, processor, by_prompt, latent_size=K, layout=layout, max_new_tokens=n,
+                                     eos_ids=eos)
+    assert ref_sampled[0][0] == start  # the model really sampled START there
+    assert ref_forced[0] == ref_sampled[0] and ref_forced[1] == ref_sampled[1]
+    torch.testing.assert_close(ref_forced[2], ref_sampled[2], rtol=1e-5, atol=1e-5)
+    for out in outs[:2]:
+        assert out.token_ids == ref_sampled[0]
+        assert out.latent_positions == ref_sampled[1]
+        assert len(out.latent_positions) >= K
+        torch.testing.assert_close(out.latents, ref_sampled[2], rtol=1e-5, atol=1e-5)
+    assert outs[0].num_prompt_tokens == outs[1].num_prompt_tokens
+    plain = monet.generate(model, processor, ["hello"], max_new_tokens=n, latent_size=K, layout=layout)[0]
+    assert outs[2].token_ids == plain.token_ids
+
+
 def test_span_structure_and_forced_tokens(tiny):
     """With sampling and a huge EOS bias, spans still have exactly K PADs then END; EOS only after END."""
     model, processor = tiny
@@ -52,11 +88,11 @@ def test_span_structure_and_forced_tokens(tiny):
     outs = monet.generate(model, processor, [monet.LatentRequest(prompt="hi", force_latent=True)] * 3,
                           max_new_tokens=30, latent_size=K, temperature=1.0, seed=0,
                           logit_bias={e: 50.0 for e in eos})
-    for out in outs:
-        assert out.token_ids[:K + 1] == [ids.pad] * K + [ids.end]
-        assert out.token_ids[K + 1] in eos and len(out.token_ids) == K + 2
+    for out in outs:  # force_latent: START is the first generated token
+        assert out.token_ids[:K + 2] == [ids.start] + [ids.pad] * K + [ids.end]
+        assert out.token_ids[K + 2] in eos and len(out.token_ids) == K + 3
         assert out.finish_reason == "stop"
-        assert out.latent_positions == list(range(K))
+        assert out.latent_positions == list(range(1, K + 1))
         assert out.rendered.startswith(SPAN_PLACEHOLDER)
 
 
@@ -92,7 +128,7 @@ def test_generate_bf16_runs(tiny_on, device):
     model, processor = tiny_on(device.type, "bfloat16")
     assert model.dtype == torch.bfloat16 and model.device.type == device.type
     outs = monet.generate(model, processor, mixed_requests()[:3], max_new_tokens=8, latent_size=2, return_latents=True)
-    assert outs[1].latent_positions == [0, 1] and outs[1].latents.shape == (2, model.config.text_config.hidden_size)
+    assert outs[1].latent_positions == [1, 2] and outs[1].latents.shape == (2, model.config.text_config.hidden_size)
     assert bool(outs[1].latents.isfinite().all())
 
 
@@ -115,6 +151,70 @@ def test_generate_errors(tiny, tmp_path):
         monet.generate(model, processor, "hi", max_new_tokens=0)
     with pytest.raises(ValueError, match="logit_bias token ids must lie in"):
         monet.generate(model, processor, "hi", latent_size=2, logit_bias={10 ** 6: 1.0})
+
+
+def test_request_and_sampling_errors_name_request_and_field(tiny, tmp_path):
+    import numpy as np
+
+    model, processor = tiny
+    bad = [
+        (dict(prompt="x", images=[np.zeros((3, 32, 32), np.uint8)]), ValueError, r"request 1 images\[0\].*channel-first"),
+        (dict(prompt="x", images=[np.zeros((32, 32, 5), np.uint8)]), ValueError, r"request 1 images\[0\].*C in \(1, 3, 4\)"),
+        (dict(prompt="x", images=[np.zeros((0, 0), np.uint8)]), ValueError, r"request 1 images\[0\].*empty"),
+        (dict(prompt="x", images=[np.zeros((8, 8), np.float32)]), TypeError, r"request 1 images\[0\].*uint8"),
+        (dict(prompt="x", images="a.png"), TypeError, r"request 1: images must be a list.*wrap"),
+        (dict(prompt="x", images=None), TypeError, r"request 1: images must be a list"),
+        (dict(prompt="x", images=[tmp_path]), IsADirectoryError, r"request 1 images\[0\].*is a directory"),
+        (dict(messages=[{"content": "hi"}]), ValueError, r"request 1: messages\[0\].role"),
+        (dict(messages="hi"), TypeError, r"request 1: messages must be a non-empty list"),
+        (dict(messages=[{"role": "user", "content": 5}]), TypeError, r"request 1: messages\[0\].content"),
+        (dict(prompt=3), TypeError, r"request 1: prompt must be a str"),
+    ]
+    for fields, exc, pattern in bad:
+        with pytest.raises(exc, match=pattern):
+            monet.generate(model, processor, ["fine", fields], max_new_tokens=2, latent_size=2)
+    for kw, pattern in [(dict(temperature=float("nan")), "temperature must be a finite"),
+                        (dict(max_new_tokens=2.5), "max_new_tokens must be an int"),
+                        (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(seed="1"), "seed"),
+                        (dict(temprature=1.0), "unknown sampling arguments")]:
+        with pytest.raises((TypeError, ValueError), match=pattern):
+            monet.generate(model, processor, "hi", latent_size=2, **kw)
+
+
+def test_context_limits(tiny, caplog):
+    """max_new_tokens is clamped to the context (buffers grow with what is generated); a prompt
+    that does not fit is refused naming the request, its length and the limit."""
+    model, processor = tiny
+    cfg = model.config.text_config
+    old = cfg.max_position_embeddings
+    try:
+        n_prompt = monet.generate(model, processor, ["hi", "a much longer prompt " * 3], max_new_tokens=1,
+                                  latent_size=2)
+        lens = [o.num_prompt_tokens for o in n_prompt]
+        cfg.max_position_embeddings = max(lens) + 5
+        with caplog.at_level("WARNING", logger="monet"):
+            outs = monet.generate(model, processor, ["hi", "a much longer prompt " * 3], max_new_tokens=10 ** 9,
+                                  latent_size=2, logit_bias={e: -1e4 for e in eos_token_ids(model, processor.tokenizer)})
+        assert "does not fit the model's context" in caplog.text
+        for o, n in zip(outs, lens):
+            assert len(o.token_ids) == cfg.max_position_embeddings - n and o.finish_reason == "length"
+        cfg.max_position_embeddings = min(lens) + 1
+        with pytest.raises(ValueError, match=rf"request 1: the prompt has {lens[1]} tokens but the model's context "
+                                             rf"is {min(lens) + 1}"):
+            monet.generate(model, processor, ["hi", "a much longer prompt " * 3], max_new_tokens=4, latent_size=2)
+    finally:
+        cfg.max_position_embeddings = old
+
+
+def test_sampling_params_object_and_keywords_agree(tiny):
+    model, processor = tiny
+    sp = monet.SamplingParams(max_new_tokens=9, temperature=0.7, top_k=20, seed=3)
+    a = monet.generate(model, processor, mixed_requests()[:3], sp, latent_size=2)
+    b = monet.generate(model, processor, mixed_requests()[:3], max_new_tokens=9, temperature=0.7, top_k=20, seed=3,
+                       latent_size=2)
+    c = monet.generate(model, processor, mixed_requests()[:3], sp, seed=4, latent_size=2)  # keyword overrides
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
 
 
 def test_render_spans(tiny):
@@ -170,3 +270,35 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="model_type is 'llama'.*Qwen2.5-VL"):
         monet.load_model(tmp_path / "llama")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        if not torch.cuda.is_available():
+            monet.load_model(tmp_path / "llama", device="cuda")
+        else:
+            raise ValueError("CUDA is not available")  # nothing to check on a CUDA machine
+
+
+def test_load_model_refuses_incomplete_checkpoints(tmp_path):
+    import shutil
+
+    src = build_tiny_checkpoint(cache=True)
+    only_cfg = tmp_path / "only_config"
+    only_cfg.mkdir()
+    shutil.copy(src / "config.json", only_cfg / "config.json")
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        monet.load_model(only_cfg)
+    trunc = tmp_path / "truncated"
+    shutil.copytree(src, trunc)
+    w = trunc / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: truncated: the header promises \d+ bytes but the file has"):
+        monet.load_model(trunc)
+    w.write_bytes(b"\x05\x00")
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        monet.load_model(trunc)
+    no_proc = tmp_path / "no_processor"
+    no_proc.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, no_proc / f)
+    with pytest.raises(ValueError, match="cannot load the processor/tokenizer files"):
+        monet.load_model(no_proc)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from monet.layout import SpanLayout
 from monet.model.config import MonetConfig
 from monet.tokens import MONET_TOKENS, LatentTokenIds
 
@@ -73,6 +74,59 @@ def _check_checkpoint(path: Path) -> None:
         raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
     if model_type != "qwen2_5_vl":
         raise ValueError(f"{path}: model_type is {model_type!r}; Monet needs a Qwen2.5-VL checkpoint (model_type 'qwen2_5_vl')")
+    _check_weights(path)
+
+
+def _check_weights(path: Path) -> None:
+    """The checkpoint's safetensors files exist and are complete (header readable, every tensor's
+    bytes present): a truncated copy is named here instead of failing deep inside the loader."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model weights (model.safetensors or model.safetensors.index.json); "
+                                "Monet loads safetensors checkpoints only")
+    for name in files:
+        check_safetensors_file(path / name)
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Raise a clear error when ``file`` is missing, has a corrupt header or is truncated."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: weight file listed by the checkpoint is missing")
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{file}: truncated or not a safetensors file ({size} bytes); re-copy or re-save it")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{file}: truncated: the header promises {8 + n + end} bytes but the file has {size}; "
+                         "re-copy or re-save the checkpoint")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, refusing devices this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
 
 
 def add_monet_tokens(tokenizer: Any) -> list[str]:
@@ -124,8 +178,13 @@ def load_model(
     ``(model, processor)`` with the model in eval mode on ``device``.
     """
     path = Path(path)
+    device = resolve_device(device)
     _check_checkpoint(path)
-    processor = AutoProcessor.from_pretrained(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: cannot load the processor/tokenizer files ({type(e).__name__}: {e}); a checkpoint "
+                         "directory needs the files save_pretrained() writes for the model and its processor") from None
     tokenizer = processor.tokenizer
     _check_tokenizer(tokenizer, path)
     added = add_monet_tokens(tokenizer)
@@ -139,11 +198,7 @@ def load_model(
         raise ValueError(f"{path}: monet_config.json token ids {saved.token_ids} differ from the tokenizer's {ids}")
     cfg = saved or MonetConfig()
     cfg.token_ids = ids
-    if latent_size is not None:
-        cfg.latent_size = latent_size
-    if layout is not None:
-        cfg.layout = layout
-    cfg.__post_init__()  # validate overrides
+    cfg.span_layout = SpanLayout.of(latent_size, layout, default=cfg.span_layout)
     model.monet_config = cfg
     model.to(device)
     model.eval()

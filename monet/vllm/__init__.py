@@ -13,7 +13,8 @@ _LAZY = {
     "LatentLLM": "monet.vllm.llm",
     "engine_kwargs": "monet.vllm.llm",
     "EngineSettings": "monet.vllm.settings",
-    "request_extra_args": "monet.vllm.settings",
+    "RequestSettings": "monet.vllm.settings",
+    "parse_request_settings": "monet.vllm.settings",
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests
+from monet.model.sampling import SamplingParams, resolve_sampling
 
 
 def default_engine_kwargs(requests: Sequence[LatentRequest], dtype: str = "auto") -> dict:
@@ -27,30 +28,26 @@ def default_engine_kwargs(requests: Sequence[LatentRequest], dtype: str = "auto"
 def generate_with_vllm(
     model: str,
     requests: Sequence[LatentRequest | str | dict],
+    sampling: SamplingParams | None = None,
     *,
     latent_size: int | None = None,
     layout: str | None = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    logit_bias: dict[int, float] | None = None,
     return_latents: bool = False,
     dtype: str = "auto",
     engine_kwargs: dict | None = None,
+    **sampling_kw: Any,
 ) -> list[LatentGeneration]:
     """Start a latent vLLM engine on ``model``, generate for ``requests``, shut it down."""
     from monet.vllm.llm import LatentLLM
 
     reqs = as_requests(requests)
+    params = resolve_sampling(sampling, **sampling_kw)
     kw = {**default_engine_kwargs(reqs, dtype), **(engine_kwargs or {})}
-    if seed is not None:
-        kw.setdefault("seed", seed)
+    if params.seed is not None:
+        kw.setdefault("seed", params.seed)
     llm = LatentLLM(model, latent_size=latent_size, layout=layout, **kw)
     try:
-        return llm.generate(reqs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, logit_bias=logit_bias, return_latents=return_latents)
+        return llm.generate(reqs, params, return_latents=return_latents)
     finally:
         llm.shutdown()
 

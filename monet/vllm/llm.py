@@ -6,30 +6,33 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from monet.layout import check_latent_size, check_layout, is_monet_v1
+from monet.layout import SpanLayout
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests, render_prompt
+from monet.model.sampling import SamplingParams, resolve_sampling
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
-from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, replay_latent_positions,
-                                 request_extra_args)
+from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, RequestSettings,
+                                 check_engine_features)
 
 WORKER_CLS = "monet.vllm.worker.LatentWorker"
 
 
 def engine_kwargs(settings: EngineSettings, **kwargs: Any) -> dict:
-    """vLLM engine arguments that select the latent worker and carry the latent settings.
+    """vLLM engine arguments that select the latent worker, its request validator and settings.
 
     Refuses what latent decoding cannot support (speculative decoding, pipeline parallelism)."""
+    from monet.vllm.validation import VALIDATOR
+
     kwargs = dict(kwargs)
-    if kwargs.get("speculative_config"):
-        raise ValueError("Monet latent decoding does not support speculative decoding (speculative_config)")
-    if int(kwargs.get("pipeline_parallel_size", 1) or 1) > 1:
-        raise ValueError("Monet latent decoding does not support pipeline parallelism (pipeline_parallel_size > 1)")
+    check_engine_features(speculative=bool(kwargs.get("speculative_config")),
+                          pipeline_parallel_size=kwargs.get("pipeline_parallel_size", 1))
     worker = kwargs.get("worker_cls", "auto")
     if worker not in ("auto", WORKER_CLS):
         raise ValueError(f"worker_cls={worker!r} conflicts with the Monet latent worker ({WORKER_CLS})")
     kwargs["worker_cls"] = WORKER_CLS
+    procs = list(kwargs.get("logits_processors") or [])
+    kwargs["logits_processors"] = procs + ([VALIDATOR] if VALIDATOR not in procs else [])
     extra = dict(kwargs.get("additional_config") or {})
     extra[CONFIG_KEY] = settings.to_dict()
     kwargs["additional_config"] = extra
@@ -54,30 +57,25 @@ def load_settings(model: str, processor: Any, latent_size: int | None, layout: s
     except ValueError as e:
         raise ValueError(f"{model}: {e}. vLLM serves the checkpoint as saved: load it once with "
                          f"monet.load_model(...) and save_pretrained() it (model and processor)") from None
-    cfg = MonetConfig.load(model) if Path(model).is_dir() else None
+    cfg = MonetConfig.load(model)
     if cfg is not None and cfg.token_ids is not None and cfg.token_ids != ids:
         raise ValueError(f"{model}: monet_config.json token ids {cfg.token_ids} differ from the tokenizer's {ids}")
-    K = latent_size if latent_size is not None else (cfg.latent_size if cfg is not None else 8)
-    layout = layout or (cfg.layout if cfg is not None else "standard")
-    return EngineSettings(pad_id=ids.pad, start_id=ids.start, end_id=ids.end, latent_size=check_latent_size(K),
-                          layout=check_layout(layout), max_latents_per_request=max_latents_per_request)
+    span = SpanLayout.of(latent_size, layout, default=cfg.span_layout if cfg is not None else None)
+    return EngineSettings(pad_id=ids.pad, start_id=ids.start, end_id=ids.end, layout=span,
+                          max_latents_per_request=max_latents_per_request)
 
 
-def cache_salt(prompt_text: str, latent_size: int, layout: str) -> str:
+def cache_salt(prompt_text: str, layout: SpanLayout) -> str:
     """Prefix-cache salt keeping cached KV consistent with latent inputs.
 
-    vLLM hashes blocks by token ids only, but whether a position took a latent input depends on the
-    latent size and layout, and a PAD (or a non-final START) in a *prompt* is plain text while the same
-    token generated is a latent. So requests share cached blocks only with requests of the same
-    latent size and layout, and prompts holding latent tokens as text share with nobody.
+    vLLM hashes blocks by token ids only, but a generated PAD or START is a latent position while
+    the same token written in a *prompt* is plain text (front ends strip a trailing START, so
+    prompts never take latent inputs). Requests share cached blocks only with requests of the same
+    span layout, and prompts holding latent tokens as text share with nobody.
     """
-    body = prompt_text[:-len(LATENT_START)] if prompt_text.endswith(LATENT_START) else prompt_text
-    if LATENT_PAD in prompt_text or LATENT_START in body:
+    if LATENT_PAD in prompt_text or LATENT_START in prompt_text:
         return f"monet-private-{uuid.uuid4().hex}"
-    salt = f"monet-k{latent_size}-{layout}"
-    if is_monet_v1(layout) and prompt_text.endswith(LATENT_START):
-        salt += "-prompt-start"  # a generated START is a latent position in monet-v1, a prompt START is not
-    return salt
+    return f"monet-k{layout.latent_size}-{layout.kind}"
 
 
 class LatentLLM:
@@ -94,6 +92,8 @@ class LatentLLM:
         from transformers import AutoProcessor
         from vllm import LLM
 
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"model directory not found: {model} (LatentLLM serves a local checkpoint directory)")
         check_runner_v1()
         self.model = str(model)
         self.processor = processor or AutoProcessor.from_pretrained(self.model)
@@ -102,75 +102,88 @@ class LatentLLM:
         self.llm = LLM(model=self.model, **engine_kwargs(self.settings, **engine_kw))
 
     @property
-    def latent_size(self) -> int:
-        return self.settings.latent_size
-
-    @property
-    def layout(self) -> str:
+    def layout(self) -> SpanLayout:
+        """The engine's default span layout."""
         return self.settings.layout
 
     def generate(
         self,
         requests: Sequence[LatentRequest | str | dict] | LatentRequest | str | dict,
+        sampling: SamplingParams | None = None,
         *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        logit_bias: dict[int, float] | None = None,
         n: int = 1,
         return_latents: bool = False,
         latent_size: int | Sequence[int] | None = None,
         layout: str | Sequence[str] | None = None,
         use_tqdm: bool = False,
+        **sampling_kw: Any,
     ) -> list[LatentGeneration]:
         """Generate for a batch of requests; like :func:`monet.generate`.
 
-        Returns one :class:`LatentGeneration` per request, in order; with ``n > 1`` the ``n`` samples
-        of each request follow each other (``len(result) == n * len(requests)``). ``latent_size`` and
+        Sampling settings come from ``sampling`` and/or its fields as keywords. Returns one
+        :class:`LatentGeneration` per request, in order; with ``n > 1`` the ``n`` samples of each
+        request follow each other (``len(result) == n * len(requests)``). ``latent_size`` and
         ``layout`` default to the engine's; give a list to set them per request (one engine serves
         every combination, in the same batch).
         """
-        from vllm import SamplingParams
+        from vllm import SamplingParams as VllmSamplingParams
 
         reqs = as_requests(requests)
+        params = resolve_sampling(sampling, **sampling_kw)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
         if not reqs:
             return []
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        Ks = _per_request(latent_size, len(reqs), "latent_size", self.settings.latent_size, check_latent_size)
-        layouts = _per_request(layout, len(reqs), "layout", self.settings.layout, check_layout)
-        prompts, params, tags = [], [], []
+        Ks = _per_request(latent_size, len(reqs), "latent_size")
+        kinds = _per_request(layout, len(reqs), "layout")
+        prompts, vparams, settings = [], [], []
         for i, req in enumerate(reqs):
-            K, layout = Ks[i], layouts[i]
-            text, images = render_prompt(self.processor, req, i)
-            prompt: dict[str, Any] = {"prompt": text, "cache_salt": cache_salt(text, K, layout)}
-            if images:
-                prompt["multi_modal_data"] = {"image": images}
-            tag = uuid.uuid4().hex if return_latents else None
-            tags.append(tag)
+            rendered = render_prompt(self.processor, req, i)
+            try:
+                span = SpanLayout.of(Ks[i], kinds[i], default=self.settings.layout)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"request {i}: {e}") from None
+            st = RequestSettings(layout=span, force_start=rendered.force_start, return_latents=return_latents,
+                                 tag=uuid.uuid4().hex if return_latents else None)
+            prompt: dict[str, Any] = {"prompt": rendered.text, "cache_salt": cache_salt(rendered.text, span)}
+            if rendered.images:
+                prompt["multi_modal_data"] = {"image": rendered.images}
             prompts.append(prompt)
-            params.append(SamplingParams(
-                n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_new_tokens,
-                logit_bias=dict(logit_bias) if logit_bias else None, skip_special_tokens=True,
-                extra_args=request_extra_args(latent_size=K, layout=layout, return_latents=return_latents, tag=tag),
+            settings.append(st)
+            vparams.append(VllmSamplingParams(
+                n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                max_tokens=params.max_new_tokens, skip_special_tokens=True,
+                logit_bias=dict(params.logit_bias) if params.logit_bias else None, extra_args=st.extra_args(),
             ))
-        outputs = self.llm.generate(prompts, params, use_tqdm=use_tqdm)
-        latents = self._take_latents([t for t in tags if t is not None]) if return_latents else {}
+        outputs = self._run(prompts, vparams, use_tqdm)
+        latents = self._take_latents([st.tag for st in settings if st.tag is not None]) if return_latents else {}
         results = []
-        for out, tag, K, layout in zip(outputs, tags, Ks, layouts):
+        for out, st in zip(outputs, settings):
             prompt_ids = list(out.prompt_token_ids or [])
-            ends = bool(prompt_ids) and prompt_ids[-1] == self.token_ids.start
             comps = sorted(out.outputs, key=lambda c: c.index)
-            recs = latents.get(tag, [])
+            recs = latents.get(st.tag, [])
             if return_latents and len(recs) != len(comps):
                 raise RuntimeError(f"latents of {len(recs)} sequences came back for a request with {len(comps)}")
             for c in comps:
-                results.append(self._result(c, prompt_ids, ends, K, layout, recs[c.index] if return_latents else None))
+                results.append(self._result(c, prompt_ids, st.layout, recs[c.index] if return_latents else None))
         return results
+
+    def _run(self, prompts: list[dict], params: list, use_tqdm: bool):
+        """``LLM.generate``; a prompt longer than the context is named with its lengths and the limit."""
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=use_tqdm)
+        except ValueError as e:
+            if "max" not in str(e).lower() or "length" not in str(e).lower():
+                raise
+            limit = self.llm.llm_engine.model_config.max_model_len
+            for i, p in enumerate(prompts):
+                images = (p.get("multi_modal_data") or {}).get("image")
+                enc = self.processor(text=[p["prompt"]], images=images or None, return_tensors="pt")
+                n = int(enc["input_ids"].shape[1])
+                if n >= limit:
+                    raise ValueError(f"request {i}: the prompt has {n} tokens but the engine's context "
+                                     f"(max_model_len) is {limit}; shorten the prompt or raise max_model_len") from None
+            raise
 
     def _take_latents(self, tags: list[str]) -> dict[str, list]:
         if not tags:
@@ -187,11 +200,10 @@ class LatentLLM:
                       for rid, shape, buf, over in recs]
         return out
 
-    def _result(self, comp, prompt_ids, ends, K, layout, rec) -> LatentGeneration:
+    def _result(self, comp, prompt_ids, layout: SpanLayout, rec) -> LatentGeneration:
         toks = list(comp.token_ids)
         ids = self.token_ids
-        pos = replay_latent_positions(toks, prompt_ends_in_start=ends, latent_size=K, monet_v1=is_monet_v1(layout),
-                                      start_id=ids.start)
+        pos = layout.replay_latent_positions(toks, start_id=ids.start)
         vecs = None
         if rec is not None:
             _, vecs, overflow = rec
@@ -229,15 +241,14 @@ class LatentLLM:
         return self.llm.collective_rpc("monet_stats")[0]
 
 
-def _per_request(value, n: int, name: str, default, check) -> list:
-    if value is None:
-        return [default] * n
-    if isinstance(value, (int, str)):
-        return [check(value)] * n
+def _per_request(value, n: int, name: str) -> list:
+    """One value (or None) per request from a scalar or a sequence; validated by SpanLayout later."""
+    if value is None or isinstance(value, (int, str)):
+        return [value] * n
     values = list(value)
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} entries for {n} requests")
-    return [check(v) for v in values]
+    return values
 
 
 def _child_index(req_id: str) -> int:

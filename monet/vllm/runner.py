@@ -3,8 +3,10 @@
 Hooks (all overrides of the V1 runner's own methods, calling ``super()``):
 
 * ``_update_states`` — after vLLM updated its persistent batch: free slots of finished requests,
-  give new requests a slot (initial counter ``K + 1`` when the prompt ends with START), note
-  requests resumed after preemption, and re-map batch rows to slots when the batch changed.
+  give new requests a slot (initial counter ``FORCE_START`` when the front end stripped a trailing
+  START, see :mod:`monet.layout`), note requests resumed after preemption, and re-map batch rows to
+  slots when the batch changed. Per-request settings were validated at admission
+  (:mod:`monet.vllm.validation`), so parsing them here cannot fail.
 * ``_preprocess`` — vLLM has written token/image embeddings into its persistent ``inputs_embeds``
   buffer; before the forward, ``monet.ops.latent_embed_`` overwrites the row of each request's
   newest token with the stored final-norm hidden state when its next input is a latent (and, for a
@@ -24,24 +26,26 @@ from typing import Any
 
 import torch
 
-from monet.vllm.settings import EngineSettings, request_settings
+from monet.vllm.settings import EngineSettings, check_engine_features, parse_request_settings
+from monet.vllm.state import LatentState
 
 logger = logging.getLogger("monet.vllm")
-from monet.vllm.state import LatentState
 
 
 def check_supported(vllm_config: Any) -> None:
     """Refuse engine features the latent feedback cannot honour, with a clear error."""
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        raise ValueError("Monet latent decoding does not support speculative decoding: a drafted token cannot "
-                         "take a latent input; remove speculative_config")
     pc = vllm_config.parallel_config
-    if getattr(pc, "pipeline_parallel_size", 1) > 1:
-        raise ValueError("Monet latent decoding does not support pipeline parallelism (the latent input of a "
-                         "step is the last stage's output); use tensor parallelism instead")
     mc = vllm_config.model_config
-    if getattr(mc, "runner_type", "generate") != "generate":
-        raise ValueError(f"Monet latent decoding needs a generative model, got runner {mc.runner_type!r}")
+    check_engine_features(speculative=getattr(vllm_config, "speculative_config", None) is not None,
+                          pipeline_parallel_size=getattr(pc, "pipeline_parallel_size", 1),
+                          runner_type=getattr(mc, "runner_type", "generate"))
+    from monet.vllm.validation import VALIDATOR, LatentSettingsValidator
+
+    procs = getattr(mc, "logits_processors", None) or []
+    if not any(p is LatentSettingsValidator or p == VALIDATOR for p in procs):
+        raise ValueError("the Monet latent worker needs its request validator among the engine's logits "
+                         f"processors (logits_processors=['{VALIDATOR}']); build the engine arguments with "
+                         "monet.vllm.engine_kwargs() or use LatentLLM / `monet serve`")
 
 
 class LatentRunnerMixin:
@@ -74,11 +78,7 @@ class LatentRunnerMixin:
         for new in scheduler_output.scheduled_new_reqs:
             if new.sampling_params is None:
                 continue
-            try:
-                settings = request_settings(st.settings, new.sampling_params.extra_args)
-            except (TypeError, ValueError) as e:  # front ends validate; never let one request stop the engine
-                logger.warning("request %s: invalid Monet settings (%s); using the engine defaults", new.req_id, e)
-                settings = request_settings(st.settings, None)
+            settings = parse_request_settings(new.sampling_params.extra_args, st.settings.layout)
             st.add_request(new.req_id, settings, new.prompt_token_ids)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             if rid in st.reqs and self.requests[rid].output_token_ids:

@@ -5,9 +5,11 @@
 
 The middleware, for ``/v1/chat/completions`` and ``/v1/completions``:
 
-* validates per-request latent settings (``vllm_xargs: {"monet_latent_size": K, "monet_layout": L}``;
-  HTTP 400 on bad values) and sets a prefix-cache salt (see :func:`monet.vllm.llm.cache_salt`) unless
-  the client gave one,
+* strips a trailing START from a completion prompt and sets ``monet_force_start`` (START is then
+  forced as the first generated token, exactly as a sampled START), and sets a prefix-cache salt
+  (see :func:`monet.vllm.llm.cache_salt`) unless the client gave one; per-request latent settings
+  (``vllm_xargs: {"monet_latent_size": K, "monet_layout": L}``) are validated by vLLM itself after
+  authentication (HTTP 400 naming the key, see :mod:`monet.vllm.validation`),
 * renders each latent span of the answer as ``<abs_vis_token><latent></abs_vis_token>``: it asks
   vLLM for the generated token ids (removed again unless the client asked for them with
   ``return_token_ids``); non-streaming answers are re-decoded with
@@ -21,7 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from monet.layout import check_latent_size, check_layout
+from monet.layout import SpanLayout
+from monet.vllm.settings import EngineSettings
 from monet.tokens import LatentTokenIds
 
 MIDDLEWARE = "monet.vllm.serve.LatentSpanMiddleware"
@@ -44,22 +47,35 @@ def prompt_text_of(body: dict) -> str:
     return p if isinstance(p, str) else ""
 
 
-def prepare_request(body: dict, defaults: dict) -> tuple[dict, bool]:
-    """Validate latent settings and add the cache salt; ask for token ids when the answer is rendered.
+def prepare_request(body: dict, defaults: SpanLayout, start_id: int | None = None) -> tuple[dict, bool]:
+    """Strip a trailing START from a completion prompt (forcing START as the first generated token,
+    like ``LatentLLM``), add the prefix-cache salt, and ask for token ids so the answer can be rendered.
 
+    Settings are not *validated* here: vLLM does it after authentication (through
+    :mod:`monet.vllm.validation`), so a bad value gets HTTP 400 and an unauthenticated request 401.
     Returns the new body and whether the client itself asked for token ids."""
+    from monet.model.requests import strip_trailing_start
     from monet.vllm.llm import cache_salt
+    from monet.vllm.settings import CONFIG_KEY, parse_request_settings
 
     body = dict(body)
-    xargs = body.get("vllm_xargs") or {}
-    K = xargs.get("monet_latent_size", defaults.get("latent_size", 8))
-    layout = xargs.get("monet_layout", defaults.get("layout", "standard"))
-    if isinstance(K, str) and K.strip().isdigit():
-        K = int(K)
-    K = check_latent_size(K)
-    layout = check_layout(layout)
-    if not body.get("cache_salt"):
-        body["cache_salt"] = cache_salt(prompt_text_of(body), K, layout)
+    xargs = body.get("vllm_xargs")
+    try:
+        settings = parse_request_settings(xargs, defaults)
+    except (TypeError, ValueError):
+        settings = None  # vLLM answers 400 with the validator's message
+    if settings is not None and "messages" not in body:
+        prompt, forced = body.get("prompt"), False
+        if isinstance(prompt, str):
+            prompt, forced = strip_trailing_start(prompt)
+        elif isinstance(prompt, list) and prompt and start_id is not None and prompt[-1] == start_id \
+                and all(isinstance(t, int) for t in prompt):
+            prompt, forced = prompt[:-1], True
+        if forced:
+            body["prompt"] = prompt
+            body["vllm_xargs"] = {**(xargs or {}), f"{CONFIG_KEY}_force_start": True}
+    if settings is not None and not body.get("cache_salt"):
+        body["cache_salt"] = cache_salt(prompt_text_of(body), settings.layout)
     wanted_ids = bool(body.get("return_token_ids"))
     body["return_token_ids"] = True
     return body, wanted_ids
@@ -162,14 +178,14 @@ class LatentSpanMiddleware:
         self.app = app
         self._tokenizer = None
         self._ids: LatentTokenIds | None = None
-        self._defaults: dict | None = None
+        self._engine: EngineSettings | None = None
 
     def _setup(self, scope: dict) -> None:
-        if self._defaults is not None:
+        if self._engine is not None:
             return
         state = scope["app"].state
         cfg = state.vllm_config
-        self._defaults = dict((cfg.additional_config or {}).get("monet") or {})
+        self._engine = EngineSettings.from_vllm_config(cfg)
         from transformers import AutoTokenizer
 
         mc = cfg.model_config
@@ -189,22 +205,13 @@ class LatentSpanMiddleware:
         raw = b"".join(chunks)
         try:
             body = json.loads(raw or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("request body must be a JSON object")
-            body, keep_ids = prepare_request(body, self._defaults)
-        except (ValueError, TypeError) as e:
-            return await _send_json(send, 400, {"error": {"message": f"monet: {e}", "type": "BadRequestError",
-                                                          "code": 400}})
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):  # vLLM answers (401 before 400) with its own message
+            return await self.app(scope, _replay(raw, receive), send)
+        body, keep_ids = prepare_request(body, self._engine.layout, self._engine.start_id)
         new_raw = json.dumps(body).encode()
-        sent = False
-
-        async def receive_body():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": new_raw, "more_body": False}
-            return await receive()
-
+        receive_body = _replay(new_raw, receive)
         if body.get("stream"):
             return await self._stream(scope, receive_body, send, keep_ids)
 
@@ -222,8 +229,10 @@ class LatentSpanMiddleware:
                         try:
                             data = render_response(json.loads(payload), self._tokenizer, self._ids, keep_ids)
                             payload = json.dumps(data).encode()
-                        except ValueError:
-                            pass
+                        except (ValueError, KeyError, TypeError) as e:  # never hand out an unrendered answer silently
+                            return await _send_json(send, 500, {"error": {
+                                "message": f"monet: could not render the latent spans of the answer: "
+                                           f"{type(e).__name__}: {e}", "type": "InternalServerError", "code": 500}})
                     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
                     headers.append((b"content-length", str(len(payload)).encode()))
                     await send({**start, "headers": headers})
@@ -257,6 +266,20 @@ class LatentSpanMiddleware:
         await self.app(scope, receive, forward)
 
 
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands out ``body`` once, then defers to the real one."""
+    sent = False
+
+    async def receive_body():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_body
+
+
 async def _send_json(send, status: int, data: dict) -> None:
     payload = json.dumps(data).encode()
     await send({"type": "http.response.start", "status": status,
@@ -266,11 +289,15 @@ async def _send_json(send, status: int, data: dict) -> None:
 
 def serve_argv(model: str, settings: dict, vllm_args: list[str]) -> list[str]:
     """``vllm serve`` arguments selecting the latent worker, settings and middleware."""
-    for flag in ("--worker-cls", "--additional-config", "--speculative-config", "--pipeline-parallel-size", "-pp"):
+    for flag in ("--worker-cls", "--additional-config", "--speculative-config", "--pipeline-parallel-size", "-pp",
+                 "--logits-processors"):
         if any(a == flag or a.startswith(flag + "=") for a in vllm_args):
             raise ValueError(f"{flag} cannot be combined with Monet latent serving")
+    from monet.vllm.validation import VALIDATOR
+
     return [str(model), *vllm_args, "--worker-cls", "monet.vllm.worker.LatentWorker",
-            "--additional-config", json.dumps({"monet": settings}), "--middleware", MIDDLEWARE]
+            "--additional-config", json.dumps({"monet": settings}), "--middleware", MIDDLEWARE,
+            "--logits-processors", VALIDATOR]
 
 
 def run_serve(model: str, *, latent_size: int | None = None, layout: str | None = None,

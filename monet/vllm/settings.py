@@ -1,11 +1,15 @@
 """Engine-wide and per-request latent settings, carried only through vLLM's own config objects.
 
 * Engine: ``VllmConfig.additional_config["monet"]`` — the latent token ids (read from the tokenizer
-  by :class:`~monet.vllm.LatentLLM` / the ``serve`` command), the default ``latent_size`` and
-  ``layout``, and ``max_latents_per_request`` (size of the per-request device store of latent
-  vectors, used to return them and to re-feed them when a preempted request is recomputed).
-* Request: ``SamplingParams.extra_args["monet"]`` — optional ``latent_size``/``layout`` overrides,
-  ``return_latents`` and a ``tag`` (opaque id the caller uses to fetch the latents).
+  by :class:`~monet.vllm.LatentLLM` / the ``serve`` command), the default span layout
+  (``latent_size``, ``layout``) and ``max_latents_per_request`` (size of the per-request device
+  store of latent vectors, used to return them and to re-feed them when a preempted request is
+  recomputed).
+* Request: ``SamplingParams.extra_args["monet"] = {...}`` or the same keys flat as ``monet_<key>``
+  (OpenAI clients pass ``vllm_xargs``, which only carries flat values): ``latent_size``, ``layout``,
+  ``force_start``, ``return_latents``, ``tag`` (opaque id the caller uses to fetch the latents).
+  :func:`parse_request_settings` is the one parser, used by ``LatentLLM``, ``monet serve`` and the
+  runner alike.
 
 This module imports nothing from vLLM so it can be used (and tested) without it.
 """
@@ -15,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from monet.layout import check_latent_size, check_layout, is_monet_v1
+from monet.layout import SpanLayout
 
 CONFIG_KEY = "monet"
 DEFAULT_MAX_LATENTS = 128
 V2_ERROR = ("Monet latent decoding runs in vLLM's V1 model runner; Model Runner V2 is not supported. "
             "Start the engine with VLLM_USE_V2_MODEL_RUNNER=0")
+REQUEST_KEYS = ("latent_size", "layout", "force_start", "return_latents", "tag")
 
 
 @dataclass(frozen=True)
@@ -28,13 +33,12 @@ class EngineSettings:
     pad_id: int
     start_id: int
     end_id: int
-    latent_size: int = 8
-    layout: str = "standard"
+    layout: SpanLayout = SpanLayout()
     max_latents_per_request: int = DEFAULT_MAX_LATENTS
 
     def __post_init__(self) -> None:
-        check_latent_size(self.latent_size)
-        check_layout(self.layout)
+        if not isinstance(self.layout, SpanLayout):
+            raise TypeError(f"layout must be a SpanLayout, got {type(self.layout).__name__}")
         if self.max_latents_per_request < 1:
             raise ValueError(f"max_latents_per_request must be >= 1, got {self.max_latents_per_request}")
         if len({self.pad_id, self.start_id, self.end_id}) != 3:
@@ -43,27 +47,25 @@ class EngineSettings:
     def to_dict(self) -> dict:
         return {
             "token_ids": {"pad": self.pad_id, "start": self.start_id, "end": self.end_id},
-            "latent_size": self.latent_size,
-            "layout": self.layout,
+            **self.layout.to_dict(),
             "max_latents_per_request": self.max_latents_per_request,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EngineSettings":
+        where = f"additional_config['{CONFIG_KEY}']"
         unknown = sorted(set(d) - {"token_ids", "latent_size", "layout", "max_latents_per_request"})
         if unknown:
-            raise ValueError(f"additional_config['{CONFIG_KEY}']: unknown keys {unknown}")
+            raise ValueError(f"{where}: unknown keys {unknown}")
         ids = d.get("token_ids")
         if not isinstance(ids, Mapping) or not {"pad", "start", "end"} <= set(ids):
-            raise ValueError(f"additional_config['{CONFIG_KEY}']['token_ids'] must give pad, start and end ids")
-        return cls(
-            pad_id=int(ids["pad"]),
-            start_id=int(ids["start"]),
-            end_id=int(ids["end"]),
-            latent_size=int(d.get("latent_size", 8)),
-            layout=str(d.get("layout", "standard")),
-            max_latents_per_request=int(d.get("max_latents_per_request", DEFAULT_MAX_LATENTS)),
-        )
+            raise ValueError(f"{where}['token_ids'] must give pad, start and end ids")
+        try:
+            layout = SpanLayout.of(d.get("latent_size"), d.get("layout"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        return cls(pad_id=int(ids["pad"]), start_id=int(ids["start"]), end_id=int(ids["end"]), layout=layout,
+                   max_latents_per_request=int(d.get("max_latents_per_request", DEFAULT_MAX_LATENTS)))
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> "EngineSettings":
@@ -76,65 +78,75 @@ class EngineSettings:
         return cls.from_dict(extra[CONFIG_KEY])
 
 
+def check_engine_features(*, speculative: bool = False, pipeline_parallel_size: int = 1,
+                          runner_type: str = "generate") -> None:
+    """Refuse engine features the latent feedback cannot honour (one place for every front end)."""
+    if speculative:
+        raise ValueError("Monet latent decoding does not support speculative decoding: a drafted token cannot "
+                         "take a latent input; remove speculative_config")
+    if int(pipeline_parallel_size or 1) > 1:
+        raise ValueError("Monet latent decoding does not support pipeline parallelism (the latent input of a "
+                         "step is the last stage's output); use tensor parallelism instead")
+    if runner_type != "generate":
+        raise ValueError(f"Monet latent decoding needs a generative model, got runner {runner_type!r}")
+
+
 @dataclass(frozen=True)
 class RequestSettings:
-    latent_size: int
-    monet_v1: bool
+    """One request's latent settings. ``force_start``: the prompt ended with START, which the front
+    end stripped; the runner forces START as the first generated token (see :mod:`monet.layout`)."""
+
+    layout: SpanLayout
+    force_start: bool = False
     return_latents: bool = False
     tag: str | None = None
 
-
-def request_extra_args(*, latent_size: int | None = None, layout: str | None = None,
-                       return_latents: bool = False, tag: str | None = None) -> dict:
-    """The ``SamplingParams.extra_args`` entry for one request (validated here, on the caller side)."""
-    d: dict[str, Any] = {}
-    if latent_size is not None:
-        d["latent_size"] = check_latent_size(latent_size)
-    if layout is not None:
-        d["layout"] = check_layout(layout)
-    if return_latents:
-        d["return_latents"] = True
-    if tag is not None:
-        d["tag"] = str(tag)
-    return {CONFIG_KEY: d}
+    def extra_args(self) -> dict:
+        """The ``SamplingParams.extra_args`` entry carrying these settings to the runner."""
+        d: dict[str, Any] = {**self.layout.to_dict()}
+        if self.force_start:
+            d["force_start"] = True
+        if self.return_latents:
+            d["return_latents"] = True
+        if self.tag is not None:
+            d["tag"] = self.tag
+        return {CONFIG_KEY: d}
 
 
-def request_settings(engine: EngineSettings, extra_args: Mapping[str, Any] | None) -> RequestSettings:
-    """Resolve a request's settings from its ``extra_args`` and the engine defaults.
-
-    Besides ``extra_args["monet"] = {...}`` the flat keys ``monet_latent_size`` / ``monet_layout`` are
-    read, so OpenAI-API clients can pass them as ``vllm_xargs`` (which only carries flat values).
-    """
-    extra_args = extra_args or {}
-    d = dict(extra_args.get(CONFIG_KEY) or {})
-    for key in ("latent_size", "layout"):
-        if f"{CONFIG_KEY}_{key}" in extra_args:
-            d.setdefault(key, extra_args[f"{CONFIG_KEY}_{key}"])
-    K = d.get("latent_size", engine.latent_size)
-    if isinstance(K, str) and K.strip().lstrip("-").isdigit():
-        K = int(K)
-    K = check_latent_size(K)
-    layout = check_layout(str(d.get("layout", engine.layout)))
-    return RequestSettings(latent_size=K, monet_v1=is_monet_v1(layout),
-                           return_latents=bool(d.get("return_latents", False)), tag=d.get("tag"))
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{key} must be a boolean, got {value!r}")
 
 
-def replay_latent_positions(token_ids, *, prompt_ends_in_start: bool, latent_size: int, monet_v1: bool,
-                            start_id: int) -> list[int]:
-    """Indices of generated tokens whose input is a latent, by replaying the span counter of
-    :mod:`monet.layout` over the emitted ids (inside spans tokens are forced, so only START matters)."""
-    K = latent_size
-    r = K + 1 if prompt_ends_in_start else 0
-    on_start = K if monet_v1 else K + 1
-    out = []
-    for j, t in enumerate(token_ids):
-        if r == 0:
-            if t == start_id:
-                r = on_start
-        elif r > 1:
-            r -= 1
-        else:
-            r = 0
-        if 1 <= r <= K:
-            out.append(j)
-    return out
+def parse_request_settings(extra_args: Mapping[str, Any] | None, default: SpanLayout) -> RequestSettings:
+    """Resolve and validate a request's latent settings against the engine default layout.
+
+    Reads ``extra_args["monet"]`` (a mapping) and flat ``monet_<key>`` entries; unknown Monet keys,
+    wrong types and invalid values raise ``ValueError`` naming the key."""
+    if extra_args is None:
+        return RequestSettings(layout=default)
+    if not isinstance(extra_args, Mapping):
+        raise ValueError(f"extra_args must be an object, got {type(extra_args).__name__}")
+    nested = extra_args.get(CONFIG_KEY) or {}
+    if not isinstance(nested, Mapping):
+        raise ValueError(f"extra_args['{CONFIG_KEY}'] must be an object, got {type(nested).__name__}")
+    d = dict(nested)
+    prefix = f"{CONFIG_KEY}_"
+    for key, value in extra_args.items():
+        if isinstance(key, str) and key.startswith(prefix):
+            d.setdefault(key[len(prefix):], value)
+    unknown = sorted(set(d) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown Monet request settings {[prefix + k for k in unknown]}; "
+                         f"valid: {[prefix + k for k in REQUEST_KEYS]}")
+    layout = SpanLayout.of(d.get("latent_size"), d.get("layout"), default=default)
+    tag = d.get("tag")
+    if tag is not None and not isinstance(tag, str):
+        raise ValueError(f"{prefix}tag must be a string, got {tag!r}")
+    return RequestSettings(layout=layout, force_start=_as_bool(d.get("force_start", False), prefix + "force_start"),
+                           return_latents=_as_bool(d.get("return_latents", False), prefix + "return_latents"), tag=tag)

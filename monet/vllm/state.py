@@ -5,7 +5,8 @@ requests keep theirs) owns a *slot*: a row in preallocated device tensors
 
 * ``remaining`` [S] int32 — the span counter of :mod:`monet.layout`,
 * ``prev_hidden`` [S, D] — the final-norm hidden row that is the next latent input,
-* ``k_of_slot`` [S] int32 / ``v1_of_slot`` [S] bool — the request's latent size and layout,
+* ``k_of_slot`` [S] int32 / ``v1_of_slot`` [S] bool — the request's span layout as integers (to mask
+  a batch to one layout when several are present),
 * ``store`` [S, H, D] + ``n_latents`` [S] — every latent the request was fed, in order (returned to
   the caller on request and re-fed when a preempted request is recomputed).
 
@@ -13,18 +14,22 @@ The persistent batch (rows ``0..num_reqs-1`` of vLLM's InputBatch) maps to slots
 ``slot_of_index``; it is rebuilt on the host only in steps where the batch's request order changed
 (add/remove/condense/reorder), and copied to the device then. Per step the device work is one
 ``latent_embed_`` before the forward and one ``latent_advance_`` (+ a store scatter) after sampling,
-per distinct (latent_size, layout) present in the batch — no host synchronisation.
+per distinct :class:`~monet.layout.SpanLayout` present in the batch — no host synchronisation.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from monet import ops
-from monet.vllm.settings import EngineSettings, RequestSettings, replay_latent_positions
+from monet.layout import FORCE_START, SpanLayout
+from monet.vllm.settings import EngineSettings, RequestSettings
+
+logger = logging.getLogger("monet.vllm")
 
 
 @dataclass
@@ -32,7 +37,7 @@ class _Req:
     slot: int
     settings: RequestSettings
     prompt_len: int
-    prompt_ends_in_start: bool
+    initial_counter: int
     taken: bool = False
 
 
@@ -65,7 +70,7 @@ class LatentState:
         self._zero_ids = torch.zeros((max_num_tokens,), dtype=torch.int64, device=device)
         self._last_req_ids: list[str] = []
         self._dirty = True
-        self._combos: list[tuple[int, bool]] = []
+        self._combos: list[SpanLayout] = []
         self._pending_init: list[tuple[int, int, int, bool]] = []  # slot, remaining, K, monet_v1
 
     # ------------------------------------------------------------------ slots
@@ -98,11 +103,20 @@ class LatentState:
             self._grow()
         slot = self._free.pop()
         ids = prompt_token_ids if prompt_token_ids is not None else []
-        ends = bool(len(ids)) and int(ids[-1]) == self.settings.start_id
-        self.reqs[req_id] = _Req(slot, settings, len(ids), ends)
+        layout = settings.layout
+        if settings.force_start:
+            initial = FORCE_START
+        elif len(ids) and int(ids[-1]) == self.settings.start_id:
+            # Only a raw engine prompt gets here (LatentLLM and `monet serve` strip a trailing START).
+            initial = layout.counter_on_prompt_start
+            if layout.monet_v1:
+                logger.warning("request %s: the prompt ends with START as a prompt token; in monet-v1 START must "
+                               "be stripped and forced (monet_force_start=true) to match a sampled START", req_id)
+        else:
+            initial = 0
+        self.reqs[req_id] = _Req(slot, settings, len(ids), initial)
         self._dirty = True
-        K = settings.latent_size
-        self._pending_init.append((slot, K + 1 if ends else 0, K, settings.monet_v1))
+        self._pending_init.append((slot, initial, layout.latent_size, layout.monet_v1))
         if settings.return_latents and settings.tag is not None:
             self._store.by_tag.setdefault(settings.tag, []).append(req_id)
 
@@ -136,25 +150,27 @@ class LatentState:
         reqs = self.reqs
         self._slot_of_index_np[:n] = [reqs[r].slot if r in reqs else -1 for r in req_ids]
         self.slot_of_index[:n].copy_(torch.from_numpy(self._slot_of_index_np[:n]), non_blocking=True)
-        self._combos = sorted({(reqs[r].settings.latent_size, reqs[r].settings.monet_v1) for r in req_ids if r in reqs})
+        self._combos = sorted({reqs[r].settings.layout for r in req_ids if r in reqs},
+                              key=lambda lay: (lay.latent_size, lay.kind))
         self._last_req_ids = list(req_ids)
 
     # ------------------------------------------------------------------ per step
-    def _per_combo(self, slots: torch.Tensor, by_layout: bool):
-        """Yield (K, monet_v1, slots masked to that combo)."""
+    def _per_combo(self, slots: torch.Tensor, by_kind: bool):
+        """Yield (layout, slots masked to that layout). Without ``by_kind`` layouts that differ only
+        in kind are merged (whether the next input is a latent depends on the latent size only)."""
         combos = self._combos
-        if not by_layout:
-            combos = sorted({(k, False) for k, _ in combos})
+        if not by_kind:
+            combos = sorted({SpanLayout(lay.latent_size) for lay in combos}, key=lambda lay: lay.latent_size)
         if len(combos) <= 1:
-            for k, v1 in combos:
-                yield k, v1, slots
+            for lay in combos:
+                yield lay, slots
             return
         s = slots.clamp(min=0)
-        for k, v1 in combos:
-            m = (slots >= 0) & (self.k_of_slot[s] == k)
-            if by_layout:
-                m &= self.v1_of_slot[s] == v1
-            yield k, v1, torch.where(m, slots, -1)
+        for lay in combos:
+            m = (slots >= 0) & (self.k_of_slot[s] == lay.latent_size)
+            if by_kind:
+                m &= self.v1_of_slot[s] == lay.monet_v1
+            yield lay, torch.where(m, slots, -1)
 
     def batch_slots(self, num_reqs: int, discard: torch.Tensor) -> torch.Tensor:
         """Slot per persistent-batch row, -1 where the row's sampled token is discarded."""
@@ -168,8 +184,8 @@ class LatentState:
         row_slots.fill_(-1)
         row_slots.index_copy_(0, last_rows, slots)
         out = inputs_embeds[:num_tokens]
-        for K, _, s in self._per_combo(row_slots, by_layout=False):
-            ops.latent_embed_(out, self._zero_ids[:num_tokens], s, self.remaining, self.prev_hidden, None, K,
+        for layout, s in self._per_combo(row_slots, by_kind=False):
+            ops.latent_embed_(out, self._zero_ids[:num_tokens], s, self.remaining, self.prev_hidden, None, layout,
                               check_indices=False)
 
     def refeed_(self, inputs_embeds: torch.Tensor, rows: list[int], slots: list[int], ks: list[int]) -> None:
@@ -188,16 +204,15 @@ class LatentState:
         if not self._combos:
             return
         tokens = sampled.to(torch.int64)
-        for K, v1, s in self._per_combo(slots, by_layout=True):
+        for layout, s in self._per_combo(slots, by_kind=True):
             ops.latent_advance_(tokens, hidden, s, self.remaining, self.prev_hidden, start_id=self.settings.start_id,
-                                pad_id=self.settings.pad_id, end_id=self.settings.end_id, latent_size=K, monet_v1=v1,
+                                pad_id=self.settings.pad_id, end_id=self.settings.end_id, layout=layout,
                                 check_indices=False)
         sampled.copy_(tokens)
         # record the latent each request will be fed next (in order, per slot)
         valid = slots >= 0
         s = torch.where(valid, slots, self.S)
-        r = self.remaining[s]
-        active = valid & (r >= 1) & (r <= self.k_of_slot[s])
+        active = valid & SpanLayout.is_latent_input_per_slot(self.remaining[s], self.k_of_slot[s])
         n = self.n_latents[s]
         col = torch.where(active, n.clamp(max=self.H), self.H)
         self.store[s, col] = self.prev_hidden[s]
@@ -208,10 +223,8 @@ class LatentState:
                     first_row: int) -> tuple[list[int], list[int], list[int], bool]:
         """Rows/slots/store indices to re-feed for a recomputed request; last value: more chunks follow."""
         req = self.reqs[req_id]
-        st = req.settings
-        pos = replay_latent_positions(output_token_ids, prompt_ends_in_start=req.prompt_ends_in_start,
-                                      latent_size=st.latent_size, monet_v1=st.monet_v1,
-                                      start_id=self.settings.start_id)
+        pos = req.settings.layout.replay_latent_positions(output_token_ids, start_id=self.settings.start_id,
+                                                          initial=req.initial_counter)
         newest = req.prompt_len + len(output_token_ids) - 1
         end = num_computed + num_scheduled
         rows, slots, ks = [], [], []
