@@ -1,6 +1,6 @@
 """Tiny shared helper for the benchmarks: collect per-case medians, write JSON, print ratio tables.
 
-SPEC section 9: on the shared 2-core machines only ratios measured side by side in one run mean
+On the shared 2-core machines only ratios measured side by side in one run mean
 anything, so a :class:`Report` stores the median time of every implementation of a case and the
 ratios ``other / baseline``. Goals are reported (met / missed), never asserted.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bootstrap the project's virtualenv (.venv) with the pinned stack of SPEC section 3 and build
+# Bootstrap the project's virtualenv (.venv) with the pinned stack (torch, transformers, vLLM, DeepSpeed versions below) and build
 # monet._C into it. Idempotent: a stamp file records the hash of this script and of the build
 # inputs, so a second call with nothing changed returns in about a second.
 #

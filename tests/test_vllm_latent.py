@@ -12,6 +12,7 @@ import torch
 
 import monet
 from latent_reference import full_hidden
+from monet.layout import SpanLayout
 from monet.model.decoding import eos_token_ids
 from monet.model.requests import as_request, render_prompt
 from monet.render import SPAN_PLACEHOLDER
@@ -133,8 +134,8 @@ def test_prefix_cache_hits_keep_spans(llm, hf):
 
     from monet.vllm.llm import cache_salt
 
-    text, _ = render_prompt(processor, long_req)
-    out = llm.llm.generate([{"prompt": text, "cache_salt": cache_salt(text, 4, "standard")}],
+    text = render_prompt(processor, long_req).text
+    out = llm.llm.generate([{"prompt": text, "cache_salt": cache_salt(text, SpanLayout(4))}],
                            SamplingParams(max_tokens=1, extra_args={"monet": {"latent_size": 4}}), use_tqdm=False)
     assert out[0].num_cached_tokens and out[0].num_cached_tokens >= 32
 
@@ -147,7 +148,7 @@ def test_prompt_with_latent_tokens_as_text(llm, hf):
     base = monet.LatentRequest(prompt="hello", force_latent=True)
     kw = dict(max_new_tokens=12, latent_size=2, layout="standard")
     gen = llm.generate([base], **kw)[0]
-    text, _ = render_prompt(processor, base)
+    text = render_prompt(processor, base).text
     follow = monet.LatentRequest(prompt=text + processor.tokenizer.decode(gen.token_ids), raw_prompt=True)
     ours = llm.generate([follow], **kw, logit_bias={ids.start: 0.5})
     ref = monet.generate(model, processor, [follow], **kw, logit_bias={ids.start: 0.5})
@@ -157,7 +158,7 @@ def test_prompt_with_latent_tokens_as_text(llm, hf):
 def assert_latents_are_fed_back(model, processor, request, out, rtol=1e-4):
     """Recompute the whole sequence in one HF forward with the returned latents at their positions:
     each latent must be the final-norm hidden state of the position before it."""
-    text, images = render_prompt(processor, as_request(request))
+    text, images, _ = render_prompt(processor, as_request(request))
     enc = processor(text=[text], images=images or None, return_tensors="pt")
     prompt = enc["input_ids"][0].tolist()
     n = len(prompt)
@@ -200,11 +201,11 @@ def test_eos_cannot_end_a_span(llm, hf):
     K = 4
     outs = llm.generate([monet.LatentRequest(prompt="hi", force_latent=True)] * 3, max_new_tokens=30, latent_size=K,
                         temperature=1.0, logit_bias={e: 50.0 for e in eos}, return_latents=True)
-    for out in outs:
-        assert out.token_ids[:K + 1] == [ids.pad] * K + [ids.end]
-        assert out.token_ids[K + 1] in eos and len(out.token_ids) == K + 2
+    for out in outs:  # force_latent: START is the first generated token
+        assert out.token_ids[:K + 2] == [ids.start] + [ids.pad] * K + [ids.end]
+        assert out.token_ids[K + 2] in eos and len(out.token_ids) == K + 3
         assert out.finish_reason == "stop"
-        assert out.latent_positions == list(range(K)) and out.latents.shape[0] == K
+        assert out.latent_positions == list(range(1, K + 1)) and out.latents.shape[0] == K
         assert out.rendered.startswith(SPAN_PLACEHOLDER)
 
 
@@ -224,6 +225,50 @@ def test_request_errors(llm):
         llm.generate("hi", max_new_tokens=0)
     with pytest.raises(ValueError, match="exactly one of prompt or messages"):
         llm.generate({"images": []})
+    with pytest.raises(TypeError, match="request 0: images must be a list"):
+        llm.generate({"prompt": "x", "images": "a.png"})
+    with pytest.raises(ValueError, match="temperature must be a finite"):
+        llm.generate("hi", temperature=float("nan"))
+    # the runner's request validator (vLLM's admission hook) refuses bad settings of raw engine requests
+    from vllm import SamplingParams
+
+    for xargs, pattern in [({"monet_latent_size": 0}, "latent_size must be >= 1"),
+                           ({"monet_bogus": 1}, "unknown Monet request settings")]:
+        with pytest.raises(ValueError, match=pattern):
+            llm.llm.generate([{"prompt": "hi"}], SamplingParams(max_tokens=2, extra_args=xargs), use_tqdm=False)
+
+
+def test_prompt_longer_than_context_is_refused(llm):
+    with pytest.raises(ValueError, match=r"request 1: the prompt has \d+ tokens but the engine's context "
+                                         r"\(max_model_len\) is 320"):
+        llm.generate(["fine", "word " * 400], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+@pytest.mark.parametrize("K", [1, 4])
+def test_forced_start_equals_sampled_start(llm, hf, layout, K):
+    """A prompt ending with START (raw or force_latent) gives the tokens and latents of the same prompt
+    where the model samples START first: vLLM == HF == the sequential reference."""
+    from latent_reference import naive_latent_decode
+    from monet.testing.tiny_model import synthetic_image
+
+    model, processor = hf
+    start = model.monet_config.token_ids.start
+    base = monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)])
+    text, images, _ = render_prompt(processor, base)
+    by_flag = monet.LatentRequest(prompt="Count the shapes", images=[synthetic_image(3)], force_latent=True)
+    by_prompt = monet.LatentRequest(prompt=text + monet.LATENT_START, images=images, raw_prompt=True)
+    n = K + 8
+    kw = dict(max_new_tokens=n, latent_size=K, layout=layout, return_latents=True)
+    ours = llm.generate([by_flag, by_prompt], **kw)
+    gen, pos, vecs = naive_latent_decode(model, processor, base, latent_size=K, layout=layout, max_new_tokens=n,
+                                         eos_ids=eos_token_ids(model, processor.tokenizer),
+                                         first_step_bias={start: 1e4})
+    assert gen[0] == start
+    for out in ours:
+        assert out.token_ids == gen and out.latent_positions == pos
+        torch.testing.assert_close(out.latents, vecs, rtol=1e-5, atol=1e-5)
+    assert_same(ours, monet.generate(model, processor, [by_flag, by_prompt], **kw), rtol=1e-5)
 
 
 def test_engine_refuses_unsupported_features(path):

@@ -40,8 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+API_KEY = "sk-monet-test"
+
+
+def _post(url: str, body, key: str | None = API_KEY) -> tuple[int, dict]:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -56,7 +63,8 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     argv = [sys.executable, "-c", LAUNCH, "serve", model, "--latent-size", "2", "--",
             "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512",
-            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--limit-mm-per-prompt", '{"image": 1}']
+            "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--limit-mm-per-prompt", '{"image": 1}',
+            "--api-key", API_KEY]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -102,14 +110,18 @@ def test_completion_prompt_ending_in_start(server):
                                                     "return_token_ids": True})
     assert status == 200, data
     choice = data["choices"][0]
-    pad, end = 695, 697
-    assert choice["token_ids"][:3] == [pad, pad, end]  # engine default K = 2
+    pad, start, end = 695, 696, 697
+    assert choice["token_ids"][:4] == [start, pad, pad, end]  # START forced first; engine default K = 2
     assert choice["text"].startswith(SPAN_PLACEHOLDER)
+    # START stripped by the server == START forced by the client's own setting
+    status, again = _post(base + "/v1/completions", {"model": model, "prompt": "hi ", "max_tokens": 6,
+                                                     "return_token_ids": True, "vllm_xargs": {"monet_force_start": True}})
+    assert status == 200 and again["choices"][0]["token_ids"] == choice["token_ids"], again
 
 
 def _post_stream(url: str, body: dict) -> list[dict]:
     req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", "authorization": f"Bearer {API_KEY}"})
     with urllib.request.urlopen(req, timeout=120) as r:
         raw = r.read().decode()
     events = [e[len("data: "):] for e in raw.split("\n\n") if e.startswith("data: ")]
@@ -142,24 +154,43 @@ def test_streamed_text_equals_rendered_text(server, endpoint):
 
 def test_bad_latent_settings_are_http_400(server):
     base, model = server
-    status, data = _post(base + "/v1/chat/completions", {
-        "model": model, "messages": [{"role": "user", "content": "x"}], "vllm_xargs": {"monet_latent_size": 0}})
-    assert status == 400 and "latent_size must be >= 1" in data["error"]["message"]
+    chat = {"model": model, "messages": [{"role": "user", "content": "x"}]}
+    for xargs, pattern in [({"monet_latent_size": 0}, "latent_size must be >= 1"),
+                           ({"monet_latnt_size": 2}, "unknown Monet request settings"),
+                           ({"monet_layout": "v9"}, "layout must be one of")]:
+        status, data = _post(base + "/v1/chat/completions", {**chat, "vllm_xargs": xargs})
+        assert status == 400 and pattern in data["error"]["message"], data
+    status, data = _post(base + "/v1/chat/completions", {**chat, "vllm_xargs": [1, 2]})  # not an object
+    assert status == 400, data
+    # authentication comes first: no key -> 401, whatever the body holds
+    for body in ({**chat, "vllm_xargs": {"monet_latent_size": 0}}, b"{not json", {**chat, "vllm_xargs": [1]}):
+        status, data = _post(base + "/v1/chat/completions", body, key=None)
+        assert status == 401, data
     # the engine is still fine afterwards
     status, _ = _post(base + "/v1/completions", {"model": model, "prompt": "ok", "max_tokens": 2})
     assert status == 200
 
 
 def test_prepare_request_and_render_helpers():
-    body, keep = prepare_request({"messages": [{"role": "user", "content": "q"}]}, {"latent_size": 4, "layout": "standard"})
+    from monet.layout import SpanLayout
+
+    four = SpanLayout(4)
+    body, keep = prepare_request({"messages": [{"role": "user", "content": "q"}]}, four)
     assert body["return_token_ids"] is True and keep is False and body["cache_salt"] == "monet-k4-standard"
-    body, _ = prepare_request({"prompt": "a <abs_vis_token_pad> b", "stream": True}, {})
+    body, _ = prepare_request({"prompt": "a <abs_vis_token_pad> b", "stream": True}, four)
     assert body["cache_salt"].startswith("monet-private-") and body["return_token_ids"] is True
-    with pytest.raises(ValueError, match="layout"):
-        prepare_request({"prompt": "x", "vllm_xargs": {"monet_layout": "v9"}}, {})
-    assert cache_salt("x<abs_vis_token>", 3, "monet-v1") == "monet-k3-monet-v1-prompt-start"
-    assert cache_salt("x<abs_vis_token>", 3, "standard") == "monet-k3-standard"
-    assert cache_salt("<abs_vis_token> x", 3, "standard").startswith("monet-private-")
+    # a trailing START is stripped and forced (text and token-id prompts); the salt sees the stripped prompt
+    body, _ = prepare_request({"prompt": "x<abs_vis_token>", "vllm_xargs": {"monet_layout": "monet-v1"}}, four, 7)
+    assert body["prompt"] == "x" and body["vllm_xargs"] == {"monet_layout": "monet-v1", "monet_force_start": True}
+    assert body["cache_salt"] == "monet-k4-monet-v1"
+    body, _ = prepare_request({"prompt": [5, 6, 7]}, four, 7)
+    assert body["prompt"] == [5, 6] and body["vllm_xargs"] == {"monet_force_start": True}
+    # invalid settings pass through untouched: vLLM's validator answers 400 after authentication
+    bad = {"prompt": "x<abs_vis_token>", "vllm_xargs": {"monet_layout": "v9"}}
+    body, _ = prepare_request(bad, four, 7)
+    assert body["prompt"] == bad["prompt"] and "cache_salt" not in body
+    assert cache_salt("x", SpanLayout(3, "monet-v1")) == "monet-k3-monet-v1"
+    assert cache_salt("<abs_vis_token> x", SpanLayout(3)).startswith("monet-private-")
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

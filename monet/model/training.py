@@ -1,7 +1,7 @@
 """The latent training forward: gradient-equivalent to a sequential latent loop, in three passes.
 
 A training sequence holds latent positions (mask ``latent_mask[b, p]``): the input there is the
-final-norm hidden state of position ``p - 1`` (SPEC sections 4-5). Computing those sequentially
+final-norm hidden state of position ``p - 1`` (docs/design.md, sections 2 and 5). Computing those sequentially
 with autograd (what the research code does: one KV-cached forward per latent step) is slow and
 memory-hungry. Here:
 
@@ -52,7 +52,7 @@ class LatentBatch:
     """A padded training batch (right padding).
 
     ``latent_mask`` [B, L] bool marks positions whose input is a latent. ``attention="stage2"``
-    uses the helper-image mask of SPEC section 5 (needs ``answer_start`` [B] to tell question
+    uses the helper-image mask of docs/design.md section 4 (needs ``answer_start`` [B] to tell question
     images from helper images, or the ``kind``/``step`` metadata of :func:`monet.ops.latent_segments`
     when the collator already computed it); ``"causal"`` is plain causal with padding.
     """

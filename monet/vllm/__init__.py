@@ -1,4 +1,4 @@
-"""vLLM serving of latent decoding (SPEC section 8): ``LatentLLM`` and the ``serve`` command.
+"""vLLM serving of latent decoding (docs/design.md, section 6): ``LatentLLM`` and the ``serve`` command.
 
 Importing this package does not import vLLM; :class:`LatentLLM` does. Pieces: a general plugin
 (:mod:`monet.vllm.plugin`), a worker (:mod:`monet.vllm.worker`, selected with ``worker_cls``) whose

@@ -79,7 +79,7 @@ def cache_salt(prompt_text: str, layout: SpanLayout) -> str:
 
 
 class LatentLLM:
-    """A vLLM engine that decodes with latent spans (SPEC sections 4 and 8).
+    """A vLLM engine that decodes with latent spans (docs/design.md, sections 3 and 6).
 
     ``model`` is a checkpoint directory holding the Monet tokens (as saved by
     ``monet.load_model(...).save_pretrained``). ``latent_size``/``layout`` are the engine defaults
