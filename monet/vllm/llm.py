@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from monet.layout import SpanLayout
+from monet.model.latent_hooks import LatentAblation
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests, render_prompt
 from monet.model.sampling import SamplingParams, resolve_sampling
@@ -115,6 +116,7 @@ class LatentLLM:
         return_latents: bool = False,
         latent_size: int | Sequence[int] | None = None,
         layout: str | Sequence[str] | None = None,
+        ablations: Sequence[LatentAblation | None] | None = None,
         use_tqdm: bool = False,
         **sampling_kw: Any,
     ) -> list[LatentGeneration]:
@@ -124,7 +126,9 @@ class LatentLLM:
         :class:`LatentGeneration` per request, in order; with ``n > 1`` the ``n`` samples of each
         request follow each other (``len(result) == n * len(requests)``). ``latent_size`` and
         ``layout`` default to the engine's; give a list to set them per request (one engine serves
-        every combination, in the same batch).
+        every combination, in the same batch). ``ablations`` (one
+        :class:`~monet.model.latent_hooks.LatentAblation` or None per request) replace each latent
+        input before it is fed, as in :func:`monet.generate`.
         """
         from vllm import SamplingParams as VllmSamplingParams
 
@@ -134,6 +138,8 @@ class LatentLLM:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if not reqs:
             return []
+        if ablations is not None and len(ablations) != len(reqs):
+            raise ValueError(f"{len(ablations)} ablations given for {len(reqs)} requests")
         Ks = _per_request(latent_size, len(reqs), "latent_size")
         kinds = _per_request(layout, len(reqs), "layout")
         prompts, vparams, settings = [], [], []
@@ -144,7 +150,8 @@ class LatentLLM:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"request {i}: {e}") from None
             st = RequestSettings(layout=span, force_start=rendered.force_start, return_latents=return_latents,
-                                 tag=uuid.uuid4().hex if return_latents else None)
+                                 tag=uuid.uuid4().hex if return_latents else None,
+                                 ablation=ablations[i] if ablations is not None else None)
             prompt: dict[str, Any] = {"prompt": rendered.text, "cache_salt": cache_salt(rendered.text, span)}
             if rendered.images:
                 prompt["multi_modal_data"] = {"image": rendered.images}

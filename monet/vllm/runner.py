@@ -139,6 +139,9 @@ class LatentRunnerMixin:
         if hidden is not None:
             num_reqs = self.input_batch.num_reqs
             st = self.monet_state
+            if st.needs_start_embedding:  # public multimodal-model interface; TP ranks all run this step
+                ids = torch.tensor([st.settings.start_id], dtype=torch.long, device=self.device)
+                st.start_embedding = self.get_model().embed_input_ids(ids)[0].to(st.dtype)
             st.advance_(out.sampled_token_ids[:num_reqs, 0], hidden[:num_reqs],
                         st.batch_slots(num_reqs, self.discard_request_mask.gpu))
         return out

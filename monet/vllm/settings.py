@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from monet.layout import SpanLayout
+from monet.model.latent_hooks import LatentAblation
 
 CONFIG_KEY = "monet"
 DEFAULT_MAX_LATENTS = 128
 V2_ERROR = ("Monet latent decoding runs in vLLM's V1 model runner; Model Runner V2 is not supported. "
             "Start the engine with VLLM_USE_V2_MODEL_RUNNER=0")
-REQUEST_KEYS = ("latent_size", "layout", "force_start", "return_latents", "tag")
+REQUEST_KEYS = ("latent_size", "layout", "force_start", "return_latents", "tag", "ablation")
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,18 @@ class RequestSettings:
     force_start: bool = False
     return_latents: bool = False
     tag: str | None = None
+    ablation: LatentAblation | None = None
+
+    def __eq__(self, other: object) -> bool:  # tensors inside ablations compare by value
+        if not isinstance(other, RequestSettings):
+            return NotImplemented
+        return (self.layout, self.force_start, self.return_latents, self.tag) == \
+            (other.layout, other.force_start, other.return_latents, other.tag) and \
+            _ablation_dict(self.ablation) == _ablation_dict(other.ablation)
 
     def extra_args(self) -> dict:
-        """The ``SamplingParams.extra_args`` entry carrying these settings to the runner."""
+        """The ``SamplingParams.extra_args`` entry carrying these settings to the runner (plain
+        JSON-able values, so any transport carries them)."""
         d: dict[str, Any] = {**self.layout.to_dict()}
         if self.force_start:
             d["force_start"] = True
@@ -110,7 +120,44 @@ class RequestSettings:
             d["return_latents"] = True
         if self.tag is not None:
             d["tag"] = self.tag
+        if self.ablation is not None:
+            d["ablation"] = _ablation_dict(self.ablation)
         return {CONFIG_KEY: d}
+
+
+def _ablation_dict(ab: LatentAblation | None) -> dict | None:
+    if ab is None:
+        return None
+    d: dict[str, Any] = {"mode": ab.mode, "seed": ab.seed}
+    if ab.vectors is not None:
+        d["vectors"] = ab.vectors.detach().to("cpu").float().tolist()
+    return d
+
+
+def _parse_ablation(value: Any, key: str) -> LatentAblation | None:
+    import torch
+
+    if value is None:
+        return None
+    if isinstance(value, LatentAblation):
+        return value
+    if not isinstance(value, Mapping) or not set(value) <= {"mode", "seed", "vectors"}:
+        raise ValueError(f"{key} must be an object with 'mode' and optional 'seed' / 'vectors', got {value!r:.80}")
+    vec = value.get("vectors")
+    if vec is not None:
+        try:
+            vec = torch.tensor(vec, dtype=torch.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{key}.vectors must be a list of equal-length number lists ({e})") from None
+        if vec.ndim == 1 and vec.numel() == 0:
+            vec = vec.view(0, 0)
+    seed = value.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{key}.seed must be an int, got {seed!r}")
+    try:
+        return LatentAblation(str(value.get("mode")), vectors=vec, seed=seed)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 def _as_bool(value: Any, key: str) -> bool:
@@ -149,4 +196,5 @@ def parse_request_settings(extra_args: Mapping[str, Any] | None, default: SpanLa
     if tag is not None and not isinstance(tag, str):
         raise ValueError(f"{prefix}tag must be a string, got {tag!r}")
     return RequestSettings(layout=layout, force_start=_as_bool(d.get("force_start", False), prefix + "force_start"),
-                           return_latents=_as_bool(d.get("return_latents", False), prefix + "return_latents"), tag=tag)
+                           return_latents=_as_bool(d.get("return_latents", False), prefix + "return_latents"), tag=tag,
+                           ablation=_parse_ablation(d.get("ablation"), prefix + "ablation"))

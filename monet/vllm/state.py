@@ -71,6 +71,9 @@ class LatentState:
         self._last_req_ids: list[str] = []
         self._dirty = True
         self._combos: list[SpanLayout] = []
+        # requests whose latents are replaced (ablation diagnostics): slot -> (ablation, noise generator)
+        self._ablated: dict[int, tuple] = {}
+        self.start_embedding: torch.Tensor | None = None  # set by the runner when an ablation needs it
         self._pending_init: list[tuple[int, int, int, bool]] = []  # slot, remaining, K, monet_v1
 
     # ------------------------------------------------------------------ slots
@@ -115,6 +118,9 @@ class LatentState:
         else:
             initial = 0
         self.reqs[req_id] = _Req(slot, settings, len(ids), initial)
+        if settings.ablation is not None:
+            ab = settings.ablation
+            self._ablated[slot] = (ab, torch.Generator().manual_seed(ab.seed) if ab.mode == "noise" else None)
         self._dirty = True
         self._pending_init.append((slot, initial, layout.latent_size, layout.monet_v1))
         if settings.return_latents and settings.tag is not None:
@@ -126,6 +132,7 @@ class LatentState:
             return
         if req.settings.return_latents and req.settings.tag is not None and not req.taken:
             self._store.finished[req_id] = self._read(req_id, req)
+        self._ablated.pop(req.slot, None)
         self._free.append(req.slot)
         self._dirty = True
 
@@ -214,9 +221,28 @@ class LatentState:
         s = torch.where(valid, slots, self.S)
         active = valid & SpanLayout.is_latent_input_per_slot(self.remaining[s], self.k_of_slot[s])
         n = self.n_latents[s]
+        if self._ablated:
+            self._ablate(s, active, n)
         col = torch.where(active, n.clamp(max=self.H), self.H)
         self.store[s, col] = self.prev_hidden[s]
         self.n_latents.index_add_(0, s, active.to(torch.int64))
+
+    def _ablate(self, s: torch.Tensor, active: torch.Tensor, n: torch.Tensor) -> None:
+        """Replace the next latent input of ablated requests (one host read; diagnostics only)."""
+        from monet.model.latent_hooks import ablated_latent
+
+        for slot, is_active, j in zip(s.tolist(), active.tolist(), n.tolist()):
+            entry = self._ablated.get(slot)
+            if entry is None or not is_active:
+                continue
+            ab, gen = entry
+            if ab.mode == "start" and self.start_embedding is None:
+                raise RuntimeError("latent ablation 'start' needs the START embedding (set by the runner)")
+            self.prev_hidden[slot] = ablated_latent(ab, self.prev_hidden[slot], j, self.start_embedding, gen)
+
+    @property
+    def needs_start_embedding(self) -> bool:
+        return self.start_embedding is None and any(ab.mode == "start" for ab, _ in self._ablated.values())
 
     # ------------------------------------------------------------------ re-prefill after preemption
     def refeed_plan(self, req_id: str, output_token_ids, num_computed: int, num_scheduled: int,
