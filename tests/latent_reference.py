@@ -43,13 +43,13 @@ def full_hidden(model, ids: list[int], latents: dict[int, torch.Tensor], pixel_v
 
 @torch.no_grad()
 def naive_latent_decode(model, processor, request, *, latent_size, layout, max_new_tokens, eos_ids,
-                        logit_bias=None, first_step_bias=None):
+                        logit_bias=None, first_step_bias=None, ablate=None):
     """Greedy latent decoding of one request by full recomputation each step.
 
     A prompt ending with START is decoded as the same prompt without START with START emitted as
     the first generated token, through the very code path of a *sampled* START (the principle the
     engines must follow). ``first_step_bias`` adds to the logits of the first step only (to make the
-    model itself sample START there).
+    model itself sample START there). ``ablate(j, h) -> vector`` replaces the j-th latent before it is fed.
     Returns (generated ids, latent positions relative to the generated ids, latent vectors [n, D]).
     """
     tok = processor.tokenizer
@@ -89,7 +89,8 @@ def naive_latent_decode(model, processor, request, *, latent_size, layout, max_n
         gen.append(token)
         if latent_inputs:
             if not (layout != "monet-v1" and token == START):
-                latents[len(ids) - 1] = h  # this position's input = hidden of the previous position
+                # this position's input = hidden of the previous position (or its ablation)
+                latents[len(ids) - 1] = h if ablate is None else ablate(len(latents), h)
             latent_inputs -= 1
         if not forced and token in eos_ids and latent_inputs == 0 and token not in (PAD, END):
             break

@@ -79,6 +79,58 @@ def test_forced_start_equals_sampled_start(tiny, layout, K):
     assert outs[2].token_ids == plain.token_ids
 
 
+def _reference_ablation(ab, model):
+    from monet.model.latent_hooks import ablated_latent
+
+    start = model.get_input_embeddings().weight[model.monet_config.token_ids.start]
+    gen = torch.Generator().manual_seed(ab.seed) if ab.mode == "noise" else None
+    return lambda j, h: ablated_latent(ab, h, j, start, gen)
+
+
+@pytest.mark.parametrize("layout", ["standard", "monet-v1"])
+def test_latent_ablations_match_reference(tiny, layout):
+    """Each ablation replaces exactly the fed latents (reference decoder with the same substitution);
+    requests without spans are untouched; no ablation == plain decoding."""
+    model, processor = tiny
+    eos = eos_token_ids(model, processor.tokenizer)
+    K, n = 3, 14
+    D = model.config.text_config.hidden_size
+    reqs = [monet.LatentRequest(prompt="Count the shapes", images=[mixed_requests()[0].images[0]], force_latent=True),
+            monet.LatentRequest(prompt="a b c d e f g")]
+    bias = {model.monet_config.token_ids.start: -1e4}  # no spans beyond the forced one
+    plain = monet.generate(model, processor, reqs, max_new_tokens=n, latent_size=K, layout=layout,
+                           return_latents=True, logit_bias=bias)
+    assert len(plain[0].latent_positions) == K and not plain[1].latent_positions
+    other = torch.randn(K - 1, D, generator=torch.Generator().manual_seed(5))  # fewer vectors than latents
+    changed = 0
+    for ab in (monet.LatentAblation("zeros"), monet.LatentAblation("start"), monet.LatentAblation("noise", seed=3),
+               monet.LatentAblation("replace", vectors=other)):
+        outs = monet.generate(model, processor, reqs, max_new_tokens=n, latent_size=K, layout=layout,
+                              return_latents=True, logit_bias=bias, ablations=[ab, ab])
+        gen, pos, vecs = naive_latent_decode(model, processor, reqs[0], latent_size=K, layout=layout,
+                                             max_new_tokens=n, eos_ids=eos, logit_bias=bias,
+                                             ablate=_reference_ablation(ab, model))
+        assert outs[0].token_ids == gen and outs[0].latent_positions == pos, ab.mode
+        torch.testing.assert_close(outs[0].latents, vecs, rtol=1e-5, atol=1e-5)
+        assert outs[1].token_ids == plain[1].token_ids  # no latent fed: nothing to replace
+        changed += outs[0].token_ids != plain[0].token_ids
+        if ab.mode == "zeros":
+            assert bool((outs[0].latents == 0).all())
+        if ab.mode == "noise":  # same norm as the latent the model produced at that step
+            ref = naive_latent_decode(model, processor, reqs[0], latent_size=K, layout=layout, max_new_tokens=n,
+                                      eos_ids=eos, logit_bias=bias, ablate=lambda j, h: h)
+            torch.testing.assert_close(outs[0].latents[0].norm(), ref[2][0].norm(), rtol=1e-5, atol=1e-5)
+        if ab.mode == "replace":
+            torch.testing.assert_close(outs[0].latents[:K - 1], other)
+            assert bool((outs[0].latents[K - 1] == 0).all())
+    assert changed >= 1  # the tiny model's answers do depend on what it is fed
+    same = monet.generate(model, processor, reqs, max_new_tokens=n, latent_size=K, layout=layout,
+                          return_latents=True, logit_bias=bias, ablations=[None, None])
+    assert [o.token_ids for o in same] == [o.token_ids for o in plain]
+    with pytest.raises(ValueError, match="1 ablations given for 2 requests"):
+        monet.generate(model, processor, reqs, latent_size=K, ablations=[None])
+
+
 def test_span_structure_and_forced_tokens(tiny):
     """With sampling and a huge EOS bias, spans still have exactly K PADs then END; EOS only after END."""
     model, processor = tiny

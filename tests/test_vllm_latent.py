@@ -313,3 +313,18 @@ def test_tensor_parallel_two_workers(path, hf, monkeypatch):
             assert sum(len(o.latent_positions) for o in ours) > 3
     finally:
         engine.shutdown()
+
+
+def test_latent_ablations_match_hf(llm, hf):
+    """The runner's ablation hook feeds exactly what the HF path feeds (all modes, both layouts)."""
+    model, processor = hf
+    D = model.config.text_config.hidden_size
+    reqs = mixed_requests()[:4]
+    other = torch.randn(2, D, generator=torch.Generator().manual_seed(1))
+    for layout in ("standard", "monet-v1"):
+        for ab in (monet.LatentAblation("zeros"), monet.LatentAblation("start"),
+                   monet.LatentAblation("noise", seed=2), monet.LatentAblation("replace", vectors=other)):
+            abl = [ab, None, ab, ab]
+            kw = dict(max_new_tokens=14, latent_size=3, layout=layout, return_latents=True, ablations=abl,
+                      logit_bias={model.monet_config.token_ids.start: 0.5})
+            assert_same(llm.generate(reqs, **kw), monet.generate(model, processor, reqs, **kw))
