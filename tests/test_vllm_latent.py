@@ -82,7 +82,7 @@ def test_greedy_matches_hf(llm, hf, layout, K):
     ref = monet.generate(model, processor, reqs, **kw)
     assert_same(ours, ref)
     first = {o.latent_positions[0] if o.latent_positions else None for o in ours}
-    assert 0 in first and len(first - {None}) >= 2, first  # mixed: entering latent mode at different steps
+    assert SpanLayout(K, layout).first_latent_offset in first and len(first - {None}) >= 2, first  # mixed: entering latent mode at different steps
     assert sum(len(o.latent_positions) for o in ours) > 2 * K
 
 
