@@ -74,7 +74,7 @@ def test_slots_grow_free_and_results_are_copies():
     st = _state(max_num_reqs=1)  # 9 slots to start with
     names = [f"q{i}" for i in range(12)]
     for n in names:
-        st.add_request(n, _rs(2, return_latents=True, tag=n, force_start=True), [9])
+        st.add_request(n, _rs(2, True, return_latents=True, tag=n, force_start=True), [9])  # monet-v1: START takes h
     assert st.S >= 12 and len({r.slot for r in st.reqs.values()}) == 12
     st.sync_batch(names[:1])
     h = torch.full((1, 8), 7.0)
