@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from monet.layout import SpanLayout
 from monet.ops import reference
 from monet.vllm.settings import (EngineSettings, RequestSettings, replay_latent_positions, request_extra_args,
                                  request_settings)
@@ -32,8 +33,8 @@ def test_replay_matches_the_counter_state_machine(K, monet_v1):
         toks, latent = [], []
         for j in range(30):
             t = torch.tensor([rng.choice([START, 5, 6, 7])])
-            reference.latent_advance_(t, torch.zeros(1, 2), torch.tensor([0]), remaining, prev, START, PAD, END, K,
-                                      monet_v1)
+            reference.latent_advance_(t, torch.zeros(1, 2), torch.tensor([0]), remaining, prev, START, PAD, END,
+                                      SpanLayout(K, "monet-v1" if monet_v1 else "standard"))
             toks.append(int(t))
             if 1 <= int(remaining[0]) <= K:
                 latent.append(j)
@@ -54,7 +55,8 @@ def test_mixed_latent_sizes_in_one_step_match_per_request_runs():
         want = []
         for i, ((k, v1), (rem, prev)) in enumerate(zip(combos, solo)):
             t = sampled[i:i + 1].long().clone()
-            reference.latent_advance_(t, hidden[i:i + 1], torch.tensor([0]), rem, prev, START, PAD, END, k, v1)
+            reference.latent_advance_(t, hidden[i:i + 1], torch.tensor([0]), rem, prev, START, PAD, END,
+                                      SpanLayout(k, "monet-v1" if v1 else "standard"))
             want.append(int(t))
         slots = st.batch_slots(3, torch.zeros(3, dtype=torch.bool))
         emb = torch.zeros(3, 8)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from monet import ops
-from monet.layout import check_latent_size, check_layout, counter_for_prompt_ending_in_start, is_monet_v1
+from monet.layout import SpanLayout, check_latent_size, check_layout, counter_for_prompt_ending_in_start, is_monet_v1
 from monet.model.forward import embed_multimodal, mrope_positions, run_text_model
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests, encode_requests
@@ -145,7 +145,8 @@ def generate(
         slots = torch.where(finished, -1, rows)  # finished rows are in text mode: no state to update
         in_text = remaining == 0
         ops.latent_advance_(tokens, h, slots, remaining, prev_hidden, start_id=ids.start, pad_id=ids.pad,
-                            end_id=ids.end, latent_size=K, monet_v1=monet_v1, check_indices=False)
+                            end_id=ids.end, layout=SpanLayout(K, "monet-v1" if monet_v1 else "standard"),
+                            check_indices=False)
         tokens = torch.where(finished, pad_token, tokens)
         out_tokens[:, t] = tokens
         is_latent = (remaining >= 1) & (remaining <= K) & ~finished
@@ -158,7 +159,8 @@ def generate(
         finished |= hit_eos
         if t + 1 == max_new_tokens or bool(finished.all()):
             break
-        ops.latent_embed_(step_input, tokens, slots, remaining, prev_hidden, embed_weight, K, check_indices=False)
+        ops.latent_embed_(step_input, tokens, slots, remaining, prev_hidden, embed_weight,
+                          SpanLayout(K, "monet-v1" if monet_v1 else "standard"), check_indices=False)
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = next_pos.view(1, B, 1).expand(3, B, 1)
         hidden, cache = run_text_model(model, step_input.unsqueeze(1), pos, attn, past_key_values=cache, use_cache=True)

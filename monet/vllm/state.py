@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from monet import ops
+from monet.layout import SpanLayout
 from monet.vllm.settings import EngineSettings, RequestSettings, replay_latent_positions
 
 
@@ -168,9 +169,9 @@ class LatentState:
         row_slots.fill_(-1)
         row_slots.index_copy_(0, last_rows, slots)
         out = inputs_embeds[:num_tokens]
-        for K, _, s in self._per_combo(row_slots, by_layout=False):
-            ops.latent_embed_(out, self._zero_ids[:num_tokens], s, self.remaining, self.prev_hidden, None, K,
-                              check_indices=False)
+        for K, v1, s in self._per_combo(row_slots, by_layout=False):
+            ops.latent_embed_(out, self._zero_ids[:num_tokens], s, self.remaining, self.prev_hidden, None,
+                              SpanLayout(K, "monet-v1" if v1 else "standard"), check_indices=False)
 
     def refeed_(self, inputs_embeds: torch.Tensor, rows: list[int], slots: list[int], ks: list[int]) -> None:
         """Write stored latents at re-computed latent positions (after preemption)."""
@@ -190,8 +191,8 @@ class LatentState:
         tokens = sampled.to(torch.int64)
         for K, v1, s in self._per_combo(slots, by_layout=True):
             ops.latent_advance_(tokens, hidden, s, self.remaining, self.prev_hidden, start_id=self.settings.start_id,
-                                pad_id=self.settings.pad_id, end_id=self.settings.end_id, latent_size=K, monet_v1=v1,
-                                check_indices=False)
+                                pad_id=self.settings.pad_id, end_id=self.settings.end_id,
+                                layout=SpanLayout(K, "monet-v1" if v1 else "standard"), check_indices=False)
         sampled.copy_(tokens)
         # record the latent each request will be fed next (in order, per slot)
         valid = slots >= 0
