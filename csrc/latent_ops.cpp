@@ -366,6 +366,8 @@ TORCH_LIBRARY(monet, m) {
   m.def(
       "latent_embed_(Tensor(a!) out, Tensor token_ids, Tensor slots, Tensor remaining, "
       "Tensor prev_hidden, Tensor? embed_weight, int latent_size) -> ()");
+  // The span layout reaches the decode ops as integers: latent_size (K) and, for latent_advance_,
+  // counter_on_start (monet.layout.SpanLayout.counter_on_start: K in monet-v1, K + 1 in standard).
   m.def(
       "latent_advance_(Tensor(a!) tokens, Tensor hidden, Tensor slots, Tensor(b!) remaining, "
       "Tensor(c!) prev_hidden, int start_id, int pad_id, int end_id, int latent_size, "
