@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from monet import ops
+from monet.layout import FORCE_START, SpanLayout
 from monet.ops import native as _native
 from monet.ops import reference as ref
 from monet.ops.reference import KIND_HELPER_IMAGE, KIND_LATENT, KIND_PAD, KIND_QUESTION_IMAGE, KIND_TEXT
@@ -34,10 +35,11 @@ DECODE_HIDDEN = (128, 1024, 3584)
 NUM_SLOTS = 256  # request slots (max_num_seqs)
 VOCAB = 8192
 K = 8  # latent_size
+LAYOUT = SpanLayout(K, "standard")
 DTYPE = torch.bfloat16
 START, PAD, END = VOCAB - 3, VOCAB - 2, VOCAB - 1  # special ids inside the (reduced) vocabulary
 IMG, VS, VE = VOCAB - 6, VOCAB - 5, VOCAB - 4
-IDS = dict(image_pad_id=IMG, vision_start_id=VS, vision_end_id=VE, latent_start_id=START, latent_pad_id=PAD)
+IDS = dict(vision_start_id=VS, vision_end_id=VE, latent_start_id=START, latent_pad_id=PAD)
 
 SCATTER_SIZES = ((2, 512, 1024), (4, 1024, 1024), (4, 2048, 1024))  # B, L, D
 SEGMENT_SIZES = ((2, 512), (4, 1024), (4, 2048))  # B, L
@@ -99,13 +101,13 @@ def composite_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight
 
 
 def composite_advance_(tokens, hidden, slots, remaining, prev_hidden, start_id, pad_id, end_id, latent_size,
-                       monet_v1=False):
-    on_start = latent_size if monet_v1 else latent_size + 1
+                       counter_on_start):
     valid = slots >= 0
     s = slots.clamp(min=0)
     r = remaining[s]
-    new_r = torch.where((r == 0) & (tokens == start_id), on_start, torch.where(r > 1, r - 1, 0)).to(r.dtype)
-    forced = torch.where(r > 1, pad_id, torch.where(r == 1, end_id, tokens))
+    opens = (r == -1) | ((r == 0) & (tokens == start_id))  # -1: START forced after a prompt ending in START
+    new_r = torch.where(opens, counter_on_start, torch.where(r > 1, r - 1, 0)).to(r.dtype)
+    forced = torch.where(r == -1, start_id, torch.where(r > 1, pad_id, torch.where(r == 1, end_id, tokens)))
     tokens.copy_(torch.where(valid, forced, tokens))
     remaining[s[valid]] = new_r[valid]
     latent = valid & (new_r >= 1) & (new_r <= latent_size)
@@ -118,8 +120,8 @@ def composite_scatter(emb, hidden, mask):
     return torch.where(mask.unsqueeze(-1), hidden.roll(1, dims=1), emb)
 
 
-def composite_segments(input_ids, attention_mask, answer_start, image_pad_id, vision_start_id, vision_end_id,
-                       latent_start_id, latent_pad_id):
+def composite_segments(input_ids, attention_mask, answer_start, vision_start_id, vision_end_id, latent_start_id,
+                       latent_pad_id):
     vs, ve = input_ids == vision_start_id, input_ids == vision_end_id
     in_image = (vs.int().cumsum(1) - ve.int().cumsum(1) + ve.int()) > 0
     in_answer = torch.arange(input_ids.shape[1]).unsqueeze(0) >= answer_start.unsqueeze(1)
@@ -158,12 +160,14 @@ def _weight(d):
 
 
 def _decode_state(b, d, seed):
-    """A mid-decode batch: ~30% of slots inside a span, some just opened, ~5% rows without a slot."""
+    """A mid-decode batch: ~30% of slots inside a span, some just opened, some at FORCE_START, ~5% rows
+    without a slot."""
     g = torch.Generator().manual_seed(seed)
     remaining = torch.zeros(NUM_SLOTS, dtype=torch.int32)
     u = torch.rand(NUM_SLOTS, generator=g)
     remaining[u < 0.3] = torch.randint(1, K + 1, (int((u < 0.3).sum()),), generator=g, dtype=torch.int32)
     remaining[(u >= 0.3) & (u < 0.35)] = K + 1
+    remaining[(u >= 0.35) & (u < 0.38)] = FORCE_START
     slots = torch.randperm(NUM_SLOTS, generator=g)[:b].long()
     slots[torch.rand(b, generator=g) < 0.05] = -1
     tokens = torch.randint(0, VOCAB, (b,), generator=g)
@@ -182,9 +186,10 @@ def _embed_inputs(b, d):
 def _embed_fns(b, d):
     tokens, slots, remaining, prev, weight, out = _embed_inputs(b, d)
     return {
-        "native": lambda o=out: ops.latent_embed_(o, tokens, slots, remaining, prev, weight, K, check_indices=False),
+        "native": lambda o=out: ops.latent_embed_(o, tokens, slots, remaining, prev, weight, LAYOUT,
+                                                  check_indices=False),
         "native_op": lambda o=out: torch.ops.monet.latent_embed_(o, tokens, slots, remaining, prev, weight, K),
-        "reference": lambda o=out: ops.latent_embed_(o, tokens, slots, remaining, prev, weight, K,
+        "reference": lambda o=out: ops.latent_embed_(o, tokens, slots, remaining, prev, weight, LAYOUT,
                                                      check_indices=False, force_reference=True),
         "composite": lambda o=out: composite_embed_(o, tokens, slots, remaining, prev, weight, K),
     }
@@ -225,12 +230,13 @@ class _AdvanceState:
 
     def fns(self):
         t, h, s, r, p = self.tokens, self.hidden, self.slots, self.rem, self.prev
-        kw = dict(start_id=START, pad_id=PAD, end_id=END, latent_size=K)
+        kw = dict(start_id=START, pad_id=PAD, end_id=END, layout=LAYOUT)
+        on_start = LAYOUT.counter_on_start
         return {
             "native": lambda: ops.latent_advance_(t, h, s, r, p, **kw, check_indices=False),
-            "native_op": lambda: torch.ops.monet.latent_advance_(t, h, s, r, p, START, PAD, END, K, False),
+            "native_op": lambda: torch.ops.monet.latent_advance_(t, h, s, r, p, START, PAD, END, K, on_start),
             "reference": lambda: ops.latent_advance_(t, h, s, r, p, **kw, check_indices=False, force_reference=True),
-            "composite": lambda: composite_advance_(t, h, s, r, p, **kw),
+            "composite": lambda: composite_advance_(t, h, s, r, p, START, PAD, END, K, on_start),
         }
 
 

@@ -1,6 +1,8 @@
 // Schemas, CPU kernels and Meta (shape-only) kernels of the monet latent ops.
 //
-// Every op has a pure-PyTorch reference in monet/ops/reference.py that defines its semantics.
+// Every op has a pure-PyTorch reference in monet/ops/reference.py that defines its semantics; the
+// per-element rules (span state machine, segment scan, attention rule) come from latent_rules.h,
+// which the CUDA kernels include too.
 // The CPU kernels are row-parallel (at::parallel_for) and copy whole rows with memcpy, so they are
 // dtype-agnostic for the row data (fp32/fp16/bf16 all take the same path).
 #include "latent_ops.h"
@@ -74,6 +76,13 @@ void check_advance_args(const at::Tensor& tokens, const at::Tensor& hidden, cons
     check_same_device(*t, tokens, "an input", "tokens");
 }
 
+void check_span_layout(int64_t latent_size, int64_t counter_on_start) {
+  TORCH_CHECK(latent_size >= 1, "monet: latent_size must be >= 1, got ", latent_size);
+  TORCH_CHECK(counter_on_start == latent_size || counter_on_start == latent_size + 1,
+              "monet: counter_on_start must be latent_size (monet-v1) or latent_size + 1 (standard), "
+              "got ", counter_on_start, " with latent_size ", latent_size);
+}
+
 void check_scatter_args(const at::Tensor& emb, const at::Tensor& hidden, const at::Tensor& mask,
                         const at::Tensor& out) {
   TORCH_CHECK(emb.dim() == 3, "monet: emb must be [B, L, D], got ", emb.sizes());
@@ -133,6 +142,7 @@ void latent_embed_cpu(at::Tensor& out, const at::Tensor& token_ids, const at::Te
                       const at::Tensor& remaining, const at::Tensor& prev_hidden,
                       const c10::optional<at::Tensor>& embed_weight, int64_t latent_size) {
   check_embed_args(out, token_ids, slots, remaining, prev_hidden, embed_weight);
+  TORCH_CHECK(latent_size >= 1, "monet: latent_size must be >= 1, got ", latent_size);
   const int64_t n = out.size(0), esize = out.element_size(), row_bytes = out.size(1) * esize;
   const int64_t num_slots = prev_hidden.size(0);
   const int64_t* tok = token_ids.data_ptr<int64_t>();
@@ -149,7 +159,7 @@ void latent_embed_cpu(at::Tensor& out, const at::Tensor& token_ids, const at::Te
       const int64_t s = slot[i];
       TORCH_CHECK(s < num_slots, "monet: slots[", i, "] = ", s, " out of range [-1, ", num_slots, ")");
       const int32_t r = s >= 0 ? rem[s] : 0;
-      if (r >= 1 && r <= latent_size) {
+      if (is_latent_input(r, latent_size)) {
         std::memcpy(dst + i * out_stride, hid + s * hid_stride, row_bytes);
       } else if (emb != nullptr) {
         TORCH_CHECK(tok[i] >= 0 && tok[i] < vocab, "monet: token_ids[", i, "] = ", tok[i],
@@ -162,12 +172,14 @@ void latent_embed_cpu(at::Tensor& out, const at::Tensor& token_ids, const at::Te
 
 void latent_advance_cpu(at::Tensor& tokens, const at::Tensor& hidden, const at::Tensor& slots,
                         at::Tensor& remaining, at::Tensor& prev_hidden, int64_t start_id,
-                        int64_t pad_id, int64_t end_id, int64_t latent_size, bool monet_v1) {
+                        int64_t pad_id, int64_t end_id, int64_t latent_size,
+                        int64_t counter_on_start) {
   check_advance_args(tokens, hidden, slots, remaining, prev_hidden);
+  check_span_layout(latent_size, counter_on_start);
   const int64_t n = tokens.size(0), num_slots = prev_hidden.size(0);
   const int64_t esize = hidden.element_size(), row_bytes = hidden.size(1) * esize;
   const int64_t hid_stride = hidden.stride(0) * esize, prev_stride = prev_hidden.stride(0) * esize;
-  const int32_t on_start = static_cast<int32_t>(monet_v1 ? latent_size : latent_size + 1);
+  const int32_t on_start = static_cast<int32_t>(counter_on_start);
   int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   int32_t* rem = remaining.data_ptr<int32_t>();
@@ -178,25 +190,16 @@ void latent_advance_cpu(at::Tensor& tokens, const at::Tensor& hidden, const at::
       const int64_t s = slot[i];
       if (s < 0) continue;
       TORCH_CHECK(s < num_slots, "monet: slots[", i, "] = ", s, " out of range [-1, ", num_slots, ")");
-      int32_t r = rem[s];
-      if (r == 0) {
-        if (tok[i] == start_id) r = on_start;
-      } else if (r > 1) {
-        tok[i] = pad_id;
-        --r;
-      } else {
-        tok[i] = end_id;
-        r = 0;
-      }
+      const int32_t r = advance_span(rem[s], &tok[i], start_id, pad_id, end_id, on_start);
       rem[s] = r;
-      if (r >= 1 && r <= latent_size)
+      if (is_latent_input(r, latent_size))
         std::memcpy(prev + s * prev_stride, hid + i * hid_stride, row_bytes);
     }
   });
 }
 
-at::Tensor& latent_scatter_out_cpu(const at::Tensor& emb, const at::Tensor& hidden,
-                                   const at::Tensor& mask, at::Tensor& out) {
+void latent_scatter_out_cpu(const at::Tensor& emb, const at::Tensor& hidden, const at::Tensor& mask,
+                            at::Tensor& out) {
   check_scatter_args(emb, hidden, mask, out);
   const int64_t B = emb.size(0), L = emb.size(1);
   const int64_t row_bytes = emb.size(2) * emb.element_size();
@@ -215,7 +218,6 @@ at::Tensor& latent_scatter_out_cpu(const at::Tensor& emb, const at::Tensor& hidd
       }
     }
   });
-  return out;
 }
 
 at::Tensor latent_scatter_cpu(const at::Tensor& emb, const at::Tensor& hidden, const at::Tensor& mask) {
@@ -253,10 +255,8 @@ std::tuple<at::Tensor, at::Tensor> latent_scatter_backward_cpu(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> latent_segments_cpu(const at::Tensor& input_ids,
                                                        const at::Tensor& attention_mask,
                                                        const at::Tensor& answer_start,
-                                                       int64_t image_pad_id, int64_t vision_start_id,
-                                                       int64_t vision_end_id, int64_t latent_start_id,
-                                                       int64_t latent_pad_id) {
-  (void)image_pad_id;  // image pads are recognised by the enclosing vision_start/vision_end
+                                                       int64_t vision_start_id, int64_t vision_end_id,
+                                                       int64_t latent_start_id, int64_t latent_pad_id) {
   check_segments_args(input_ids, attention_mask, answer_start);
   const int64_t B = input_ids.size(0), L = input_ids.size(1);
   at::Tensor kind = at::empty({B, L}, input_ids.options().dtype(at::kChar));
@@ -266,32 +266,13 @@ std::tuple<at::Tensor, at::Tensor> latent_segments_cpu(const at::Tensor& input_i
   const int64_t* ans = answer_start.data_ptr<int64_t>();
   int8_t* k = kind.data_ptr<int8_t>();
   int32_t* st = step.data_ptr<int32_t>();
+  const SegmentIds seg{vision_start_id, vision_end_id, latent_start_id, latent_pad_id};
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      int64_t depth = 0, helper = -1, span = -1;
+      SegmentScan scan;
       for (int64_t p = 0; p < L; ++p) {
-        const int64_t i = b * L + p, t = ids[i];
-        const bool answer = p >= ans[b];
-        if (t == vision_start_id) {
-          ++depth;
-          if (answer) ++helper;
-        }
-        if (answer && t == latent_start_id) ++span;
-        const bool in_image = depth > 0;
-        int8_t kk = kKindText;
-        int32_t ss = -1;
-        if (am[i] == 0) {
-          kk = kKindPad;
-        } else if (in_image) {
-          kk = answer ? kKindHelperImage : kKindQuestionImage;
-          if (answer) ss = static_cast<int32_t>(helper);
-        } else if (answer && t == latent_pad_id) {
-          kk = kKindLatent;
-          ss = static_cast<int32_t>(span);
-        }
-        k[i] = kk;
-        st[i] = ss;
-        if (t == vision_end_id) --depth;
+        const int64_t i = b * L + p;
+        scan.next(ids[i], am[i] != 0, p >= ans[b], seg, &k[i], &st[i]);
       }
     }
   });
@@ -307,25 +288,13 @@ void fill_mask_rows(const int8_t* kind, const int32_t* step, T* out, int64_t B, 
       const int32_t* sb = step + b * L;
       T* o = out + row * L;
       const int8_t ki = kb[i];
-      if (ki == kKindPad) {
-        for (int64_t j = 0; j < L; ++j) o[j] = j == i ? yes : no;
-        continue;
-      }
-      const bool sees_helper = ki == kKindLatent || ki == kKindHelperImage;
       const int32_t si = sb[i];
-      for (int64_t j = 0; j <= i; ++j) {
-        const int8_t kj = kb[j];
-        bool ok = kj != kKindPad;
-        if (kj == kKindHelperImage) ok = sees_helper && sb[j] == si;
-        o[j] = ok ? yes : no;
-      }
-      for (int64_t j = i + 1; j < L; ++j) o[j] = no;
+      for (int64_t j = 0; j < L; ++j) o[j] = mask_allows(i, j, ki, si, kb[j], sb[j]) ? yes : no;
     }
   });
 }
 
-at::Tensor& latent_attention_mask_out_cpu(const at::Tensor& kind, const at::Tensor& step,
-                                          at::Tensor& out) {
+void latent_attention_mask_out_cpu(const at::Tensor& kind, const at::Tensor& step, at::Tensor& out) {
   check_mask_args(kind, step, out);
   const int64_t B = kind.size(0), L = kind.size(1);
   const int8_t* k = kind.data_ptr<int8_t>();
@@ -338,7 +307,6 @@ at::Tensor& latent_attention_mask_out_cpu(const at::Tensor& kind, const at::Tens
                                std::numeric_limits<scalar_t>::lowest());
     });
   }
-  return out;
 }
 
 at::Tensor new_mask(const at::Tensor& kind, c10::optional<at::ScalarType> dtype) {
@@ -361,16 +329,13 @@ void latent_embed_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, const 
                        const at::Tensor&, const c10::optional<at::Tensor>&, int64_t) {}
 
 void latent_advance_meta(at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                         int64_t, int64_t, int64_t, int64_t, bool) {}
+                         int64_t, int64_t, int64_t, int64_t, int64_t) {}
 
 at::Tensor latent_scatter_meta(const at::Tensor& emb, const at::Tensor&, const at::Tensor&) {
   return at::empty_like(emb, at::MemoryFormat::Contiguous);
 }
 
-at::Tensor& latent_scatter_out_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    at::Tensor& out) {
-  return out;
-}
+void latent_scatter_out_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&) {}
 
 std::tuple<at::Tensor, at::Tensor> latent_scatter_backward_meta(const at::Tensor& grad,
                                                                 const at::Tensor&) {
@@ -380,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> latent_scatter_backward_meta(const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> latent_segments_meta(const at::Tensor& input_ids, const at::Tensor&,
                                                         const at::Tensor&, int64_t, int64_t, int64_t,
-                                                        int64_t, int64_t) {
+                                                        int64_t) {
   return {at::empty(input_ids.sizes(), input_ids.options().dtype(at::kChar)),
           at::empty(input_ids.sizes(), input_ids.options().dtype(at::kInt))};
 }
@@ -390,29 +355,32 @@ at::Tensor latent_attention_mask_meta(const at::Tensor& kind, const at::Tensor&,
   return new_mask(kind, dtype);
 }
 
-at::Tensor& latent_attention_mask_out_meta(const at::Tensor&, const at::Tensor&, at::Tensor& out) {
-  return out;
-}
+void latent_attention_mask_out_meta(const at::Tensor&, const at::Tensor&, at::Tensor&) {}
 
 }  // namespace
 
+// The .out overloads return nothing (instead of the conventional Tensor(a!) alias of `out`): custom
+// ops whose outputs alias inputs cannot be functionalized, so only this form traces under
+// torch.compile / AOT autograd.
 TORCH_LIBRARY(monet, m) {
   m.def(
       "latent_embed_(Tensor(a!) out, Tensor token_ids, Tensor slots, Tensor remaining, "
       "Tensor prev_hidden, Tensor? embed_weight, int latent_size) -> ()");
+  // The span layout reaches the decode ops as integers: latent_size (K) and, for latent_advance_,
+  // counter_on_start (monet.layout.SpanLayout.counter_on_start: K in monet-v1, K + 1 in standard).
   m.def(
       "latent_advance_(Tensor(a!) tokens, Tensor hidden, Tensor slots, Tensor(b!) remaining, "
       "Tensor(c!) prev_hidden, int start_id, int pad_id, int end_id, int latent_size, "
-      "bool monet_v1) -> ()");
+      "int counter_on_start) -> ()");
   m.def("latent_scatter(Tensor emb, Tensor hidden, Tensor mask) -> Tensor");
-  m.def("latent_scatter.out(Tensor emb, Tensor hidden, Tensor mask, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("latent_scatter.out(Tensor emb, Tensor hidden, Tensor mask, *, Tensor(a!) out) -> ()");
   m.def("latent_scatter_backward(Tensor grad, Tensor mask) -> (Tensor, Tensor)");
   m.def(
       "latent_segments(Tensor input_ids, Tensor attention_mask, Tensor answer_start, "
-      "int image_pad_id, int vision_start_id, int vision_end_id, int latent_start_id, "
+      "int vision_start_id, int vision_end_id, int latent_start_id, "
       "int latent_pad_id) -> (Tensor, Tensor)");
   m.def("latent_attention_mask(Tensor kind, Tensor step, ScalarType? dtype=None) -> Tensor");
-  m.def("latent_attention_mask.out(Tensor kind, Tensor step, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("latent_attention_mask.out(Tensor kind, Tensor step, *, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(monet, CPU, m) {

@@ -1,5 +1,7 @@
 // CUDA kernels of the monet latent ops. Same semantics as the CPU kernels (latent_ops.cpp) and the
-// references (monet/ops/reference.py). All launches go to the current stream, read no data back to
+// references (monet/ops/reference.py); the per-element rules (span state machine, segment scan,
+// attention rule) are the __host__ __device__ functions of latent_rules.h that the CPU kernels run
+// too. All launches go to the current stream, read no data back to
 // the host and allocate nothing inside the decode ops, so they can be captured in CUDA graphs.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
@@ -59,7 +61,7 @@ __global__ void latent_embed_kernel(char* __restrict__ out, int64_t out_stride,
   const int64_t i = blockIdx.x;
   const int64_t s = slot[i];
   const int32_t r = s >= 0 ? rem[s] : 0;
-  if (r >= 1 && r <= latent_size) {
+  if (is_latent_input(r, latent_size)) {
     block_copy(out + i * out_stride, prev + s * prev_stride, row_bytes);
   } else if (emb != nullptr) {
     block_copy(out + i * out_stride, emb + tok[i] * emb_stride, row_bytes);
@@ -70,6 +72,7 @@ void latent_embed_cuda(at::Tensor& out, const at::Tensor& token_ids, const at::T
                        const at::Tensor& remaining, const at::Tensor& prev_hidden,
                        const c10::optional<at::Tensor>& embed_weight, int64_t latent_size) {
   check_embed_args(out, token_ids, slots, remaining, prev_hidden, embed_weight);
+  TORCH_CHECK(latent_size >= 1, "monet: latent_size must be >= 1, got ", latent_size);
   const int64_t n = out.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -98,28 +101,20 @@ __global__ void latent_advance_kernel(int64_t* __restrict__ tok, const char* __r
   if (s < 0) return;
   __shared__ int32_t r_shared;
   if (threadIdx.x == 0) {
-    int32_t r = rem[s];
-    if (r == 0) {
-      if (tok[i] == start_id) r = on_start;
-    } else if (r > 1) {
-      tok[i] = pad_id;
-      --r;
-    } else {
-      tok[i] = end_id;
-      r = 0;
-    }
+    const int32_t r = advance_span(rem[s], &tok[i], start_id, pad_id, end_id, on_start);
     rem[s] = r;
     r_shared = r;
   }
   __syncthreads();
-  const int32_t r = r_shared;
-  if (r >= 1 && r <= latent_size) block_copy(prev + s * prev_stride, hidden + i * hid_stride, row_bytes);
+  if (is_latent_input(r_shared, latent_size)) block_copy(prev + s * prev_stride, hidden + i * hid_stride, row_bytes);
 }
 
 void latent_advance_cuda(at::Tensor& tokens, const at::Tensor& hidden, const at::Tensor& slots,
                          at::Tensor& remaining, at::Tensor& prev_hidden, int64_t start_id,
-                         int64_t pad_id, int64_t end_id, int64_t latent_size, bool monet_v1) {
+                         int64_t pad_id, int64_t end_id, int64_t latent_size,
+                         int64_t counter_on_start) {
   check_advance_args(tokens, hidden, slots, remaining, prev_hidden);
+  check_span_layout(latent_size, counter_on_start);
   const int64_t n = tokens.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(tokens.device());
@@ -128,8 +123,7 @@ void latent_advance_cuda(at::Tensor& tokens, const at::Tensor& hidden, const at:
       tokens.data_ptr<int64_t>(), static_cast<const char*>(hidden.data_ptr()), hidden.stride(0) * es,
       slots.data_ptr<int64_t>(), remaining.data_ptr<int32_t>(),
       static_cast<char*>(prev_hidden.data_ptr()), prev_hidden.stride(0) * es, hidden.size(1) * es,
-      start_id, pad_id, end_id, latent_size,
-      static_cast<int32_t>(monet_v1 ? latent_size : latent_size + 1));
+      start_id, pad_id, end_id, latent_size, static_cast<int32_t>(counter_on_start));
   check_launch();
 }
 
@@ -146,18 +140,17 @@ __global__ void latent_scatter_kernel(const char* __restrict__ emb, const char* 
   else block_copy(out + i * row_bytes, emb + i * row_bytes, row_bytes);
 }
 
-at::Tensor& latent_scatter_out_cuda(const at::Tensor& emb, const at::Tensor& hidden,
-                                    const at::Tensor& mask, at::Tensor& out) {
+void latent_scatter_out_cuda(const at::Tensor& emb, const at::Tensor& hidden, const at::Tensor& mask,
+                             at::Tensor& out) {
   check_scatter_args(emb, hidden, mask, out);
   const int64_t rows = emb.size(0) * emb.size(1);
-  if (rows == 0 || emb.size(2) == 0) return out;
+  if (rows == 0 || emb.size(2) == 0) return;
   const c10::cuda::CUDAGuard guard(emb.device());
   latent_scatter_kernel<<<rows, kThreads, 0, stream()>>>(
       static_cast<const char*>(emb.data_ptr()), static_cast<const char*>(hidden.data_ptr()),
       mask.data_ptr<bool>(), static_cast<char*>(out.data_ptr()), emb.size(1),
       emb.size(2) * emb.element_size());
   check_launch();
-  return out;
 }
 
 at::Tensor latent_scatter_cuda(const at::Tensor& emb, const at::Tensor& hidden, const at::Tensor& mask) {
@@ -202,43 +195,21 @@ std::tuple<at::Tensor, at::Tensor> latent_scatter_backward_cuda(const at::Tensor
 __global__ void latent_segments_kernel(const int64_t* __restrict__ ids, const int64_t* __restrict__ am,
                                        const int64_t* __restrict__ ans, int8_t* __restrict__ kind,
                                        int32_t* __restrict__ step, int64_t B, int64_t L,
-                                       int64_t vision_start_id, int64_t vision_end_id,
-                                       int64_t latent_start_id, int64_t latent_pad_id) {
+                                       SegmentIds seg) {
   const int64_t b = blockIdx.x * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  int64_t depth = 0, helper = -1, span = -1;
+  SegmentScan scan;
   for (int64_t p = 0; p < L; ++p) {
-    const int64_t i = b * L + p, t = ids[i];
-    const bool answer = p >= ans[b];
-    if (t == vision_start_id) {
-      ++depth;
-      if (answer) ++helper;
-    }
-    if (answer && t == latent_start_id) ++span;
-    int8_t kk = kKindText;
-    int32_t ss = -1;
-    if (am[i] == 0) {
-      kk = kKindPad;
-    } else if (depth > 0) {
-      kk = answer ? kKindHelperImage : kKindQuestionImage;
-      if (answer) ss = static_cast<int32_t>(helper);
-    } else if (answer && t == latent_pad_id) {
-      kk = kKindLatent;
-      ss = static_cast<int32_t>(span);
-    }
-    kind[i] = kk;
-    step[i] = ss;
-    if (t == vision_end_id) --depth;
+    const int64_t i = b * L + p;
+    scan.next(ids[i], am[i] != 0, p >= ans[b], seg, &kind[i], &step[i]);
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> latent_segments_cuda(const at::Tensor& input_ids,
                                                         const at::Tensor& attention_mask,
                                                         const at::Tensor& answer_start,
-                                                        int64_t image_pad_id, int64_t vision_start_id,
-                                                        int64_t vision_end_id, int64_t latent_start_id,
-                                                        int64_t latent_pad_id) {
-  (void)image_pad_id;
+                                                        int64_t vision_start_id, int64_t vision_end_id,
+                                                        int64_t latent_start_id, int64_t latent_pad_id) {
   check_segments_args(input_ids, attention_mask, answer_start);
   const int64_t B = input_ids.size(0), L = input_ids.size(1);
   at::Tensor kind = at::empty({B, L}, input_ids.options().dtype(at::kChar));
@@ -249,37 +220,27 @@ std::tuple<at::Tensor, at::Tensor> latent_segments_cuda(const at::Tensor& input_
   latent_segments_kernel<<<(B + threads - 1) / threads, threads, 0, stream()>>>(
       input_ids.data_ptr<int64_t>(), attention_mask.data_ptr<int64_t>(),
       answer_start.data_ptr<int64_t>(), kind.data_ptr<int8_t>(), step.data_ptr<int32_t>(), B, L,
-      vision_start_id, vision_end_id, latent_start_id, latent_pad_id);
+      SegmentIds{vision_start_id, vision_end_id, latent_start_id, latent_pad_id});
   check_launch();
   return {kind, step};
 }
 
 // ---------------------------------------------------------------------------------------------
-// latent_attention_mask: grid (key blocks, query rows); each thread one (i, j) element.
+// latent_attention_mask: one block per query row (b, i); the block's threads stride over the L
+// keys j of that row, one output element each.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void latent_mask_kernel(const int8_t* __restrict__ kind, const int32_t* __restrict__ step,
                                    T* __restrict__ out, int64_t L, T yes, T no) {
-  const int64_t row = blockIdx.x;  // one block per query row, row = b * L + i
+  const int64_t row = blockIdx.x;  // row = b * L + i
   const int64_t b = row / L, i = row % L;
   const int8_t* kb = kind + b * L;
   const int32_t* sb = step + b * L;
   const int8_t ki = kb[i];
   const int32_t si = sb[i];
-  const bool sees_helper = ki == kKindLatent || ki == kKindHelperImage;
   T* o = out + row * L;
-  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
-    bool ok;
-    if (ki == kKindPad) {
-      ok = j == i;
-    } else if (j > i) {
-      ok = false;
-    } else {
-      const int8_t kj = kb[j];
-      ok = kj == kKindHelperImage ? (sees_helper && sb[j] == si) : kj != kKindPad;
-    }
-    o[j] = ok ? yes : no;
-  }
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x)
+    o[j] = mask_allows(i, j, ki, si, kb[j], sb[j]) ? yes : no;
 }
 
 template <typename T>
@@ -290,9 +251,9 @@ void launch_mask(const at::Tensor& kind, const at::Tensor& step, at::Tensor& out
   check_launch();
 }
 
-at::Tensor& latent_attention_mask_out_cuda(const at::Tensor& kind, const at::Tensor& step, at::Tensor& out) {
+void latent_attention_mask_out_cuda(const at::Tensor& kind, const at::Tensor& step, at::Tensor& out) {
   check_mask_args(kind, step, out);
-  if (kind.numel() == 0) return out;
+  if (kind.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(kind.device());
   if (out.scalar_type() == at::kBool) {
     launch_mask<bool>(kind, step, out, true, false);
@@ -301,7 +262,6 @@ at::Tensor& latent_attention_mask_out_cuda(const at::Tensor& kind, const at::Ten
       launch_mask<scalar_t>(kind, step, out, scalar_t(0), std::numeric_limits<scalar_t>::lowest());
     });
   }
-  return out;
 }
 
 at::Tensor latent_attention_mask_cuda(const at::Tensor& kind, const at::Tensor& step,

@@ -83,8 +83,7 @@ class LayoutTokens:
 
     def segment_ids(self) -> dict[str, int]:
         """Keyword arguments for :func:`monet.ops.latent_segments`."""
-        return dict(image_pad_id=self.image_pad, vision_start_id=self.vision_start,
-                    vision_end_id=self.vision_end, latent_start_id=self.latent.start,
+        return dict(vision_start_id=self.vision_start, vision_end_id=self.vision_end, latent_start_id=self.latent.start,
                     latent_pad_id=self.latent.pad)
 
 

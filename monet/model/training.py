@@ -90,8 +90,8 @@ def ids_for_model(model: Any):
     """Token ids the stage mask needs, from the model config."""
     cfg = model.config
     ids = model.monet_config.token_ids
-    return dict(image_pad_id=cfg.image_token_id, vision_start_id=cfg.vision_start_token_id,
-                vision_end_id=cfg.vision_end_token_id, latent_start_id=ids.start, latent_pad_id=ids.pad)
+    return dict(vision_start_id=cfg.vision_start_token_id, vision_end_id=cfg.vision_end_token_id,
+                latent_start_id=ids.start, latent_pad_id=ids.pad)
 
 
 def attention_mask_4d(model: Any, batch: LatentBatch, dtype: torch.dtype) -> torch.Tensor:

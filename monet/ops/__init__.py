@@ -4,13 +4,19 @@ Each op has a pure-PyTorch reference in :mod:`monet.ops.reference` that defines 
 is used (with a one-time warning) when the extension is not built. Shapes: N rows, S slots
 (requests), D hidden, B batch, L sequence length. Validation here checks dtype, device and shape
 (free) and, when ``check_indices=True``, index ranges (one host read; pass False on hot GPU paths).
+
+The decode ops take the span layout as a :class:`~monet.layout.SpanLayout`; the native ops receive
+its integers (``latent_size`` and, for ``latent_advance_``, ``counter_on_start``: K in monet-v1,
+K + 1 in standard), so no span arithmetic is repeated here. ``latent_scatter`` is differentiable as
+an op: its backward (itself differentiable) is registered with ``torch.library.register_autograd``
+when the extension loads (:mod:`monet.ops.native`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from monet.layout import check_latent_size
+from monet.layout import FORCE_START, SpanLayout
 from monet.ops import native, reference
 from monet.ops.reference import (
     KIND_HELPER_IMAGE,
@@ -80,6 +86,19 @@ def _check_slots(slots: torch.Tensor, num_slots: int) -> None:
         _need(lo >= -1 and hi < num_slots, f"slots must lie in [-1, {num_slots}), got range [{lo}, {hi}]")
 
 
+def _check_counters(remaining: torch.Tensor) -> None:
+    # Only the lower bound: one counter tensor may serve requests of different latent sizes.
+    if remaining.numel():
+        lo = int(remaining.min())
+        _need(lo >= FORCE_START, f"remaining must be >= {FORCE_START} (FORCE_START), got minimum {lo}")
+
+
+def _check_layout(layout: object) -> SpanLayout:
+    if not isinstance(layout, SpanLayout):
+        raise TypeError(f"layout must be a monet.layout.SpanLayout, got {type(layout).__name__} {layout!r}")
+    return layout
+
+
 def latent_embed_(
     out: torch.Tensor,
     token_ids: torch.Tensor,
@@ -87,7 +106,7 @@ def latent_embed_(
     remaining: torch.Tensor,
     prev_hidden: torch.Tensor,
     embed_weight: torch.Tensor | None,
-    latent_size: int,
+    layout: SpanLayout,
     *,
     check_indices: bool = True,
     force_reference: bool = False,
@@ -95,18 +114,21 @@ def latent_embed_(
     """Decode pre-forward: fill the input-embedding rows of a step in place.
 
     ``out[n] = prev_hidden[slots[n]]`` where that slot's next input is a latent
-    (``1 <= remaining[slot] <= latent_size``), else ``embed_weight[token_ids[n]]``; with
-    ``embed_weight=None`` non-latent rows are left as they are (e.g. already merged with image
-    features). ``slots[n] = -1`` marks a row that belongs to no latent-tracked request.
+    (``layout.is_latent_input(remaining[slot])``, i.e. ``1 <= remaining <= K``), else
+    ``embed_weight[token_ids[n]]`` (text mode 0, FORCE_START -1 and just-emitted START K + 1 all embed
+    the token); with ``embed_weight=None`` non-latent rows are left as they are (e.g. already merged
+    with image features). ``slots[n] = -1`` marks a row that belongs to no latent-tracked request.
 
     Args: out [N, D]; token_ids [N] int64; slots [N] int64; remaining [S] int32;
-    prev_hidden [S, D]; embed_weight [V, D] or None. Returns ``out``.
+    prev_hidden [S, D]; embed_weight [V, D] or None; layout (only its ``latent_size`` matters here).
+    Returns ``out``.
 
     ``check_indices=False`` is the hot path: the Python checks are skipped and the kernel's own
     shape/dtype checks (``RuntimeError: monet: ...``) remain.
     """
+    K = _check_layout(layout).latent_size
     if not check_indices and not force_reference and native.available():
-        torch.ops.monet.latent_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight, latent_size)
+        torch.ops.monet.latent_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight, K)
         return out
     _rows(out, "out")
     d = out.shape[1]
@@ -122,15 +144,16 @@ def latent_embed_(
                  prev_hidden=prev_hidden, embed_weight=embed_weight)
     if check_indices:
         _check_slots(slots, prev_hidden.shape[0])
+        _check_counters(remaining)
         if embed_weight is not None and token_ids.numel():
             lo, hi = int(token_ids.min()), int(token_ids.max())
             _need(lo >= 0 and hi < embed_weight.shape[0],
                   f"token_ids must lie in [0, {embed_weight.shape[0]}), got range [{lo}, {hi}]")
     if _use_native(force_reference):
         torch.ops.monet.latent_embed_(out, token_ids.contiguous(), slots.contiguous(), remaining,
-                                      prev_hidden, embed_weight, latent_size)
+                                      prev_hidden, embed_weight, K)
     else:
-        reference.latent_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight, latent_size)
+        reference.latent_embed_(out, token_ids, slots, remaining, prev_hidden, embed_weight, layout)
     return out
 
 
@@ -144,26 +167,27 @@ def latent_advance_(
     start_id: int,
     pad_id: int,
     end_id: int,
-    latent_size: int,
-    monet_v1: bool = False,
+    layout: SpanLayout,
     check_indices: bool = True,
     force_reference: bool = False,
 ) -> torch.Tensor:
-    """Decode post-sample: run the span state machine of :mod:`monet.layout` for one step.
+    """Decode post-sample: run the span state machine (:meth:`SpanLayout.advance`) for one step.
 
-    Forces ``tokens`` to PAD/END inside spans, opens spans on START, updates ``remaining`` and
-    stores this step's hidden rows into ``prev_hidden[slot]`` for slots whose next input is a
-    latent. One call, no host synchronisation (with ``check_indices=False``). Rows must name
-    distinct slots; ``slots[b] = -1`` skips a row.
+    Per row with ``slots[b] >= 0``: a slot at FORCE_START (-1) emits START and its counter becomes
+    ``layout.counter_on_start``; inside spans ``tokens`` is forced to PAD/END; a sampled START opens
+    a span. Updates ``remaining`` and stores this step's hidden row into ``prev_hidden[slot]`` when
+    the slot's next input is a latent. One call, no host synchronisation (with
+    ``check_indices=False``). Rows must name distinct slots; ``slots[b] = -1`` skips a row.
 
     Args: tokens [B] int64 (in place); hidden [B, D]; slots [B] int64; remaining [S] int32
     (in place); prev_hidden [S, D] contiguous (in place). Returns ``tokens``.
     ``check_indices=False``: hot path as in :func:`latent_embed_`.
     """
-    check_latent_size(latent_size)
+    _check_layout(layout)
+    K, on_start = layout.latent_size, layout.counter_on_start
     if not check_indices and not force_reference and native.available():
         torch.ops.monet.latent_advance_(tokens, hidden, slots, remaining, prev_hidden,
-                                        start_id, pad_id, end_id, latent_size, monet_v1)
+                                        start_id, pad_id, end_id, K, on_start)
         return tokens
     _need(tokens.dim() == 1 and tokens.dtype == torch.int64, f"tokens must be int64 [B], got {tokens.dtype} {tuple(tokens.shape)}")
     _rows(prev_hidden, "prev_hidden")
@@ -176,12 +200,13 @@ def latent_advance_(
     _same_device(tokens.device, hidden=hidden, slots=slots, remaining=remaining, prev_hidden=prev_hidden)
     if check_indices:
         _check_slots(slots, prev_hidden.shape[0])
+        _check_counters(remaining)
     if _use_native(force_reference):
         torch.ops.monet.latent_advance_(tokens, hidden, slots.contiguous(), remaining, prev_hidden,
-                                        start_id, pad_id, end_id, latent_size, monet_v1)
+                                        start_id, pad_id, end_id, K, on_start)
     else:
         reference.latent_advance_(tokens, hidden, slots, remaining, prev_hidden, start_id, pad_id,
-                                  end_id, latent_size, monet_v1)
+                                  end_id, layout)
     return tokens
 
 
@@ -192,25 +217,6 @@ def _check_scatter(emb: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor) 
     _need(mask.shape == emb.shape[:2], f"mask must be [B, L] = {tuple(emb.shape[:2])}, got {tuple(mask.shape)}")
     _need(mask.dtype == torch.bool, f"mask must be bool, got {mask.dtype}")
     _same_device(emb.device, hidden=hidden, mask=mask)
-
-
-class _LatentScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, emb, hidden, mask, use_native):
-        ctx.save_for_backward(mask)
-        ctx.use_native = use_native
-        if use_native:
-            return torch.ops.monet.latent_scatter(emb.contiguous(), hidden.contiguous(), mask.contiguous())
-        return reference.latent_scatter(emb, hidden, mask)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        if ctx.use_native:
-            grad_emb, grad_hidden = torch.ops.monet.latent_scatter_backward(grad.contiguous(), mask)
-        else:
-            grad_emb, grad_hidden = reference.latent_scatter_backward(grad, mask)
-        return grad_emb, grad_hidden, None, None
 
 
 def latent_scatter(
@@ -224,7 +230,9 @@ def latent_scatter(
     """Training: insert fed-back hidden states at latent positions, differentiably.
 
     ``out[b, p] = hidden[b, p - 1] if mask[b, p] else emb[b, p]``. Gradients flow to both ``emb``
-    (non-latent rows) and ``hidden`` (the rows just before latent positions).
+    (non-latent rows) and ``hidden`` (the rows just before latent positions): natively through the
+    autograd formula registered for ``torch.ops.monet.latent_scatter``, in the fallback through the
+    reference's differentiable torch ops.
 
     Args: emb [B, L, D]; hidden [B, L, D]; mask [B, L] bool. Returns [B, L, D].
     """
@@ -232,7 +240,9 @@ def latent_scatter(
     if check_indices and mask.shape[1] and bool(mask[:, 0].any()):
         rows = mask[:, 0].nonzero().flatten().tolist()
         raise ValueError(f"mask is set at position 0 of batch rows {rows}: a latent needs a previous position")
-    return _LatentScatter.apply(emb, hidden, mask, _use_native(force_reference))
+    if _use_native(force_reference):
+        return torch.ops.monet.latent_scatter(emb.contiguous(), hidden.contiguous(), mask.contiguous())
+    return reference.latent_scatter(emb, hidden, mask)
 
 
 def latent_segments(
@@ -240,7 +250,6 @@ def latent_segments(
     attention_mask: torch.Tensor | None,
     answer_start: torch.Tensor | int,
     *,
-    image_pad_id: int,
     vision_start_id: int,
     vision_end_id: int,
     latent_start_id: int,
@@ -252,6 +261,7 @@ def latent_segments(
     Args: input_ids [B, L] int64; attention_mask [B, L] (nonzero = real token) or None;
     answer_start [B] int64 or an int for every row (first position of the assistant turn).
     Returns ``kind`` [B, L] int8 (``KIND_*``) and ``step`` [B, L] int32 (-1 where not helper/latent).
+    Image pad tokens need no id: they are recognised by the enclosing vision_start/vision_end.
     """
     _need(input_ids.dim() == 2, f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     _need(input_ids.dtype == torch.int64, f"input_ids must be int64, got {input_ids.dtype}")
@@ -264,7 +274,7 @@ def latent_segments(
         answer_start = torch.full((B,), answer_start, dtype=torch.int64, device=input_ids.device)
     _index_tensor(answer_start, "answer_start", B, torch.int64)
     _same_device(input_ids.device, attention_mask=attention_mask, answer_start=answer_start)
-    args = (image_pad_id, vision_start_id, vision_end_id, latent_start_id, latent_pad_id)
+    args = (vision_start_id, vision_end_id, latent_start_id, latent_pad_id)
     if _use_native(force_reference):
         return torch.ops.monet.latent_segments(input_ids.contiguous(), attention_mask.long().contiguous(),
                                                answer_start.contiguous(), *args)
@@ -297,7 +307,8 @@ def latent_attention_mask(
     if _use_native(force_reference):
         if out is None:
             return torch.ops.monet.latent_attention_mask(kind.contiguous(), step.contiguous(), dtype)
-        return torch.ops.monet.latent_attention_mask.out(kind.contiguous(), step.contiguous(), out=out)
+        torch.ops.monet.latent_attention_mask.out(kind.contiguous(), step.contiguous(), out=out)
+        return out
     result = reference.latent_attention_mask(kind, step, dtype)
     if out is None:
         return result

@@ -1,4 +1,5 @@
-"""Loads the compiled extension ``monet._C`` once and says what it has."""
+"""Loads the compiled extension ``monet._C`` once, registers the autograd formulas of its
+differentiable ops, and says what it has."""
 
 from __future__ import annotations
 
@@ -10,12 +11,41 @@ import torch
 
 @functools.lru_cache(maxsize=1)
 def _load():
-    """Import monet._C (registers torch.ops.monet.*). Returns the module, or None with a reason."""
+    """Import monet._C (registers torch.ops.monet.*) and the autograd formulas below.
+    Returns the module, or None with a reason."""
     try:
         from monet import _C  # noqa: F401  (import registers the TORCH_LIBRARY ops)
     except ImportError as e:  # not built, or built against another torch
         return None, f"{type(e).__name__}: {e}"
+    _register_autograd()
     return _C, None
+
+
+# ------------------------------------------------------------------ autograd of the native ops
+# latent_scatter(emb, hidden, mask)[b, p] = hidden[b, p - 1] if mask[b, p] else emb[b, p] is linear in
+# (emb, hidden); its backward latent_scatter_backward(grad, mask) = (grad_emb, grad_hidden) is linear
+# in grad, and the adjoint of that backward is latent_scatter again:
+#   d grad[p] = gg_hidden[p - 1] if mask[p] else gg_emb[p]  ==  latent_scatter(gg_emb, gg_hidden, mask)[p]
+# so both ops are differentiable to any order through each other.
+
+
+def _save_mask(ctx, inputs, output) -> None:
+    ctx.mask = inputs[-1]
+
+
+def _scatter_backward(ctx, grad):
+    grad_emb, grad_hidden = torch.ops.monet.latent_scatter_backward(grad.contiguous(), ctx.mask)
+    return grad_emb, grad_hidden, None
+
+
+def _scatter_backward_backward(ctx, gg_emb, gg_hidden):
+    return torch.ops.monet.latent_scatter(gg_emb.contiguous(), gg_hidden.contiguous(), ctx.mask), None
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd("monet::latent_scatter", _scatter_backward, setup_context=_save_mask)
+    torch.library.register_autograd("monet::latent_scatter_backward", _scatter_backward_backward,
+                                    setup_context=_save_mask)
 
 
 def available() -> bool:

@@ -2,12 +2,15 @@
 
 These define the semantics; ``monet._C`` must match them exactly. They are also the fallback when
 the extension is not built. Shapes: N rows (scheduled tokens), S slots (requests), D hidden size,
-B batch, L sequence length.
+B batch, L sequence length. The decode ops take the span layout as a
+:class:`~monet.layout.SpanLayout` and use its methods, so the counter rules are stated once there.
 """
 
 from __future__ import annotations
 
 import torch
+
+from monet.layout import SpanLayout
 
 # Per-token kinds produced by latent_segments.
 KIND_TEXT = 0
@@ -17,11 +20,6 @@ KIND_LATENT = 3
 KIND_PAD = 4
 
 
-def latent_active(remaining: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """[S] bool: the slot's next input is a latent (see monet.layout)."""
-    return (remaining >= 1) & (remaining <= latent_size)
-
-
 def latent_embed_(
     out: torch.Tensor,  # [N, D], written in place
     token_ids: torch.Tensor,  # [N] int64
@@ -29,12 +27,13 @@ def latent_embed_(
     remaining: torch.Tensor,  # [S] int32
     prev_hidden: torch.Tensor,  # [S, D]
     embed_weight: torch.Tensor | None,  # [V, D] or None (leave non-latent rows untouched)
-    latent_size: int,
+    layout: SpanLayout,
 ) -> None:
-    """``out[n] = prev_hidden[slot] if slot's input is latent else embed_weight[token_ids[n]]``."""
+    """``out[n] = prev_hidden[slot] if layout.is_latent_input(remaining[slot]) else
+    embed_weight[token_ids[n]]``: counters 0, FORCE_START (-1) and K + 1 embed the token."""
     valid = slots >= 0
     s = slots.clamp(min=0)
-    latent = valid & latent_active(remaining[s], latent_size) if s.numel() else valid
+    latent = valid & layout.is_latent_input(remaining[s]) if s.numel() else valid
     if embed_weight is not None:
         out.copy_(embed_weight[token_ids])
     if latent.any():
@@ -50,27 +49,19 @@ def latent_advance_(
     start_id: int,
     pad_id: int,
     end_id: int,
-    latent_size: int,
-    monet_v1: bool,
+    layout: SpanLayout,
 ) -> None:
-    """Post-sample state machine (monet.layout): force PAD/END inside spans, open on START."""
-    on_start = latent_size if monet_v1 else latent_size + 1
+    """Post-sample state machine, row by row with :meth:`SpanLayout.advance`: force START after
+    FORCE_START, PAD/END inside spans, open a span on a sampled START; store ``hidden[b]`` in
+    ``prev_hidden[slot]`` when the slot's next input is a latent."""
     for b in range(tokens.shape[0]):
         s = int(slots[b])
         if s < 0:
             continue
-        r = int(remaining[s])
-        if r == 0:
-            if int(tokens[b]) == start_id:
-                r = on_start
-        elif r > 1:
-            tokens[b] = pad_id
-            r -= 1
-        else:
-            tokens[b] = end_id
-            r = 0
+        tok, r = layout.advance(int(remaining[s]), int(tokens[b]), start_id=start_id, pad_id=pad_id, end_id=end_id)
+        tokens[b] = tok
         remaining[s] = r
-        if 1 <= r <= latent_size:
+        if layout.is_latent_input(r):
             prev_hidden[s] = hidden[b]
 
 
@@ -93,7 +84,6 @@ def latent_segments(
     input_ids: torch.Tensor,  # [B, L]
     attention_mask: torch.Tensor,  # [B, L], nonzero = real token
     answer_start: torch.Tensor,  # [B] int64, first position of the assistant turn
-    image_pad_id: int,
     vision_start_id: int,
     vision_end_id: int,
     latent_start_id: int,
@@ -104,9 +94,9 @@ def latent_segments(
     Image tokens span ``<|vision_start|> ... <|vision_end|>`` inclusive; those at or after
     ``answer_start`` are helper images (step = index of the helper image in the answer), the rest
     question images. Latent (PAD) tokens in the answer get the index of their span (counting START
-    tokens in the answer). Padding (attention_mask == 0) wins over everything.
+    tokens in the answer). Padding (attention_mask == 0) wins over everything. Image pad tokens need
+    no id of their own: they are recognised by the enclosing vision_start/vision_end.
     """
-    del image_pad_id  # image pads are recognised by the enclosing vision_start/vision_end
     B, L = input_ids.shape
     vs = input_ids == vision_start_id
     ve = input_ids == vision_end_id
