@@ -64,6 +64,8 @@ MC_TABLE = [
     ("It is dark red.", "C", "matched"),                              # longer option text wins over 'red'
     ("\\boxed{green}", "D", "matched"),
     ("A or B", None, "ambiguous"),
+    ("A. red\nB. blue\nI pick B", None, "ambiguous"),              # restated options, no marked answer
+    ("A. red\nB. blue\nThe answer is B", "B", "matched"),
     ("(A) or (C)", None, "ambiguous"),
     ("It could be red or blue", None, "ambiguous"),
     ("A dog sits there", None, "none"),                               # article, no option text

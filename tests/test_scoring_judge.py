@@ -252,6 +252,9 @@ def test_missing_env_var_is_named(server, monkeypatch):
     monkeypatch.delenv("MONET_TEST_JUDGE_KEY", raising=False)
     with pytest.raises(ValueError, match="MONET_TEST_JUDGE_KEY"):
         LLMJudge(cfg(server, "ok", api_key_env="MONET_TEST_JUDGE_KEY"))
+    with pytest.raises(ValueError, match="MONET_TEST_JUDGE_KEY"):  # fails when built, before any scoring
+        Scorer(ScorerConfig(judge=cfg(server, "ok", api_key_env="MONET_TEST_JUDGE_KEY")))
+    assert server.hits == {}
 
 
 def test_config_validation():

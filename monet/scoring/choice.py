@@ -14,6 +14,8 @@ Within that candidate, in order:
    (``red`` inside ``dark red``) only the longer counts. Empty option texts (options shown only
    in the image) never match by text.
 
+When the model marked no final answer (whole-text candidate), steps 1 and 2 are pooled, so a
+restated option list (``A. cat ... B. dog ... I pick B``) is ambiguous rather than read as ``A``.
 The first step that finds any valid option letter decides: exactly one distinct letter is a
 match; two or more distinct letters are *ambiguous* (``"A or B"``), never a guess. Only letters
 that are keys of ``options`` count. Results carry ``status`` ``"matched"`` / ``"ambiguous"`` /
@@ -121,8 +123,12 @@ def match_choice(output: str, options: Mapping[str, str]) -> ChoiceMatch:
     keys = {k.upper() for k in options}
     final = extract_final_answer(output)
     cand = final.text
-    for via, found in (("explicit", _explicit_letters(cand, keys)),
-                       ("letter", _bare_letters(cand, keys)),
+    explicit, bare = _explicit_letters(cand, keys), _bare_letters(cand, keys)
+    if not final.explicit:
+        # Unmarked output: a model restating the options ("A. cat\nB. dog\nI pick B") shows an
+        # explicit-looking "A." first; only letters that agree across both steps may decide.
+        explicit = bare = _distinct(explicit + bare)
+    for via, found in (("explicit", explicit), ("letter", bare),
                        ("text", _text_matches(cand, {k.upper(): v for k, v in options.items()}))):
         if len(found) == 1:
             return ChoiceMatch(found[0], "matched", via, found, final.source)

@@ -65,17 +65,16 @@ def normalize_free_answer(s: str) -> str:
 class Scorer:
     """``score(item) -> ScoreResult``; ``score_many(items) -> list[ScoreResult]`` (see module doc).
 
-    The judge (if configured) is created lazily on the first undecided item and reused.
+    The judge (if configured) is built here, so a missing API key fails before any scoring; it
+    makes no request until an item is undecided.
     """
 
     def __init__(self, config: ScorerConfig = ScorerConfig(), judge: LLMJudge | None = None):
         self.config = config
-        self._judge = judge
+        self._judge = judge if judge is not None else (LLMJudge(config.judge) if config.judge else None)
 
     @property
     def judge(self) -> LLMJudge | None:
-        if self._judge is None and self.config.judge is not None:
-            self._judge = LLMJudge(self.config.judge)
         return self._judge
 
     def rule(self, item: ScoreItem) -> ScoreResult:

@@ -2,8 +2,8 @@
 
 Reading is two passes over the parsed rows: the first collects every row's ``index`` and image
 cell (an image cell of <= 64 characters is a reference to another row's ``index``, VLMEvalKit's
-deduplication), the second validates each row and builds an :class:`EvalSample`. Peak memory is
-about the file size.
+deduplication), the second validates each row and builds an :class:`EvalSample` holding the
+decoded image bytes. Peak memory is about twice the file size (use ``limit`` for quick runs).
 
 Row checks (a failing row is skipped and recorded, never silently dropped): field count equals
 the header's; ``index`` non-empty and unique; ``question`` non-empty; at least
