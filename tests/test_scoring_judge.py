@@ -65,29 +65,35 @@ class JudgeServer:
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                 try:
-                    user = body["messages"][-1]["content"]
-                    verdict = "CORRECT" if "GOOD" in user else "INCORRECT"
-                    if mode == "slow":
-                        time.sleep(server.slow_s)
-                    if mode == "barrier":
-                        try:
-                            server.barrier.wait()
-                        except threading.BrokenBarrierError:
-                            return self._send(500, {"error": "requests were not concurrent"})
-                    if mode == "always500" or (mode == "flaky" and n <= 2):
-                        return self._send(500, {"error": {"message": "boom"}})
-                    if mode == "badjson":
-                        return self._send(200, "{not json at all")
-                    if mode == "http400":
-                        return self._send(400, {"error": {"message": "bad request"}})
-                    if mode == "echo401":
-                        return self._send(401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
-                    if mode == "unparseable":
-                        return self._send(200, completion("Maybe."))
-                    return self._send(200, completion(f" {verdict} "))
+                    reply = self._reply(mode, n, body)
                 finally:
+                    # leave the in-flight count before answering: the client may send its next
+                    # request as soon as it has this response
                     with server.lock:
                         server.inflight -= 1
+                self._send(*reply)
+
+            def _reply(self, mode, n, body):
+                user = body["messages"][-1]["content"]
+                verdict = "CORRECT" if "GOOD" in user else "INCORRECT"
+                if mode == "slow":
+                    time.sleep(server.slow_s)
+                if mode == "barrier":
+                    try:
+                        server.barrier.wait()
+                    except threading.BrokenBarrierError:
+                        return 500, {"error": "requests were not concurrent"}
+                if mode == "always500" or (mode == "flaky" and n <= 2):
+                    return 500, {"error": {"message": "boom"}}
+                if mode == "badjson":
+                    return 200, "{not json at all"
+                if mode == "http400":
+                    return 400, {"error": {"message": "bad request"}}
+                if mode == "echo401":
+                    return 401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}}
+                if mode == "unparseable":
+                    return 200, completion("Maybe.")
+                return 200, completion(f" {verdict} ")
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
