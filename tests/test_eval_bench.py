@@ -5,7 +5,6 @@ import csv
 import importlib.util
 import io
 import json
-import shutil
 from pathlib import Path
 
 import pytest
