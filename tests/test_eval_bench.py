@@ -276,3 +276,11 @@ def test_corrupt_image_named_at_decode_time():
     s = EvalSample("X/1", "X", (png.getvalue()[:40],), "q", {"A": "a", "B": "b"}, "A")
     with pytest.raises(ValueError, match="sample X/1: image 0"):
         s.load_images()
+
+
+def test_pixel_bomb_row_is_skipped_not_crashing(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)   # 8x8 fixture images exceed 2x this
+    rows = read_tsv(FIX / "hr_bench_4k.tsv")
+    write_tsv(tmp_path / "HRBench4K.tsv", rows)
+    with pytest.raises(BenchmarkFileError, match="bad_image=3"):
+        load_benchmark("HRBench4K", tmp_path)

@@ -133,3 +133,9 @@ class Scorer:
     def close(self) -> None:
         if self._judge is not None:
             self._judge.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

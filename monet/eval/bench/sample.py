@@ -69,7 +69,7 @@ class EvalSample:
                     pil = Image.open(img)
                 pil.load()
                 out.append(pil.convert("RGB"))
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise ValueError(f"sample {self.sample_id}: image {i} cannot be decoded: {e}") from e
         return out
 

@@ -68,6 +68,8 @@ def _decode_image(cell: str) -> bytes:
                 raise _RowError("bad_image", "image data has no known format")
     except (UnidentifiedImageError, OSError):
         raise _RowError("bad_image", f"decoded image data ({len(data)} bytes) is not an image") from None
+    except Image.DecompressionBombError as e:  # not an OSError; PIL's pixel limit, kept as is
+        raise _RowError("bad_image", f"image exceeds PIL's pixel limit: {e}") from None
     return data
 
 
