@@ -147,3 +147,35 @@ def test_plot_input_errors(tmp_path):
         plot_cosine_histogram({"a": []}, tmp_path / "x.png")
     with pytest.raises(ValueError):
         plot_ablation_deltas({}, tmp_path / "x.png")
+
+
+def test_pipeline_without_a_model(tmp_path):
+    """Loader -> prompt -> (scripted outputs) -> Scorer -> records -> report, as `monet eval` wires it."""
+    from pathlib import Path
+
+    from monet.eval.bench import load_benchmark
+    from monet.eval.prompts import build_messages
+    from monet.scoring import ScoreItem, Scorer
+
+    fix = Path(__file__).parent / "data_fixtures" / "bench"
+    scorer = Scorer()
+    expected = {}
+    for name in ("VStarBench", "HRBench4K", "MME-RealWorld-Lite", "VisualPuzzles"):
+        ds = load_benchmark(name, fix)
+        writer = RecordWriter(tmp_path / name / "records.jsonl")
+        for i, s in enumerate(ds):
+            assert build_messages(s)[-1]["content"][-1]["type"] == "text"
+            wrong = next(k for k in s.options if k != s.answer)
+            output = f"Let me look. The answer is {s.answer if i % 2 == 0 else wrong}."
+            r = scorer.score(ScoreItem(output, s.answer, s.options, s.question))
+            writer.write(SampleRecord(s.sample_id, s.benchmark, s.category, s.answer, r.extracted, output,
+                                      r.verdict.value, r.decided_by, r.detail, s.num_options))
+        writer.close()
+        expected[name] = (len(ds), (len(ds) + 1) // 2)
+    records = [r for name in expected for r in read_records(tmp_path / name / "records.jsonl")[0]]
+    rows = {(r.benchmark, r.category): r for r in summarize(records)}
+    for name, (n, correct) in expected.items():
+        row = rows[(name, ALL)]
+        assert (row.n, row.correct, row.by_rule) == (n, correct, n)
+    assert rows[("MME-RealWorld-Lite", ALL)].chance == pytest.approx(0.2)
+    assert rows[("VStarBench", ALL)].chance == pytest.approx((0.25 + 0.5 + 0.25 + 0.5) / 4)
