@@ -4,6 +4,10 @@ Rules first (degenerate detection, ``\\boxed{}`` / answer-phrase extraction, mul
 matching, math equivalence via ``math-verify``), an optional LLM judge for what the rules cannot
 decide. Every result is a tri-state :class:`Verdict` plus ``decided_by``
 (``rule`` / ``judge`` / ``undecided``).
+
+For RL rewards, ``Scorer().rule(ScoreItem(output, answer, options))`` scores with the rules only
+(no network, deterministic); ``result.correct`` is the binary reward and ``degenerate`` outputs can
+be penalised separately.
 """
 
 from monet.scoring.choice import ChoiceMatch, gold_letter, match_choice
