@@ -98,17 +98,18 @@ def _kind_loss(
     n_local = int(mask.sum())
     if n_local > count:
         raise ValueError(f"{kind}: this micro-batch has {n_local} actions but the global count is {count}")
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    dtype = torch.float64 if terms.logp.dtype == torch.float64 else torch.float32  # at least fp32
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
     # masked-out entries may hold anything (even nan): select, never multiply
-    logp = torch.where(mask, terms.logp.float(), zero)
-    old = torch.where(mask, terms.old_logp.float(), zero)
-    adv = torch.where(mask, advantages.float(), zero)
+    logp = torch.where(mask, terms.logp.to(dtype), zero)
+    old = torch.where(mask, terms.old_logp.to(dtype), zero)
+    adv = torch.where(mask, advantages.to(dtype), zero)
     pg, flags = clipped_surrogate(logp - old, adv, clip_low=config.clip_low, clip_high=config.clip_high,
                                   dual_clip=config.dual_clip)
     term = pg
     kl = None
     if use_kl:
-        ref = torch.where(mask, terms.ref_logp.float(), zero)
+        ref = torch.where(mask, terms.ref_logp.to(dtype), zero)
         kl = torch.where(mask, k3_kl(logp, ref), zero)
         term = pg + config.kl_coef * kl
     term = torch.where(mask, term, zero)
@@ -120,14 +121,14 @@ def _kind_loss(
             f"{kind}/loss": loss.detach(),
             f"{kind}/pg_loss": torch.where(mask, pg, zero).sum() / denom,
             f"{kind}/abs_term_mean": term.abs().sum() / denom,
-            f"{kind}/count": torch.tensor(float(n_local), device=mask.device),
+            f"{kind}/count": torch.tensor(float(n_local), dtype=dtype, device=mask.device),
             f"{kind}/ratio_mean": torch.where(mask, ratio, zero).sum() / denom,
             f"{kind}/ratio_max": torch.where(mask, ratio, -torch.inf).max() if n_local else zero - torch.inf,
             f"{kind}/ratio_min": torch.where(mask, ratio, torch.inf).min() if n_local else zero + torch.inf,
             f"{kind}/logp_mean": logp.sum() / denom,
         }
         for name, f in flags.items():
-            m[f"{kind}/{name}_frac"] = (f & mask).sum().float() / denom
+            m[f"{kind}/{name}_frac"] = (f & mask).sum().to(dtype) / denom
         if kl is not None:
             m[f"{kind}/kl"] = kl.sum() / denom
     return loss, m
@@ -168,7 +169,7 @@ def vlpo_loss(
         if entropy is not None:
             if entropy.shape != text.mask.shape:
                 raise ValueError(f"entropy {tuple(entropy.shape)} must match the text mask {tuple(text.mask.shape)}")
-            metrics["text/entropy"] = torch.where(text.mask, entropy.float(), 0.0).sum() / float(max(n_text, 1))
+            metrics["text/entropy"] = torch.where(text.mask, entropy.to(loss.dtype), 0.0).sum() / float(max(n_text, 1))
         metrics["latent/share"] = _share(metrics["text/loss"], metrics["latent/weighted_loss"])
     return ObjectiveOutput(loss, metrics)
 
@@ -190,7 +191,7 @@ def merge_metrics(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torc
             raise ValueError(f"micro-batch {i} has metrics {sorted(set(p) ^ keys)} that micro-batch 0 does not share")
     out: dict[str, torch.Tensor] = {}
     for k in sorted(keys):
-        vals = torch.stack([p[k].detach().float() for p in parts])
+        vals = torch.stack([p[k].detach() for p in parts])
         if k.endswith("_max"):
             out[k] = vals.max()
         elif k.endswith("_min"):
