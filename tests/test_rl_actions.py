@@ -99,3 +99,44 @@ def test_errors_name_sequence_and_position():
         action_masks(ids, torch.tensor([[0, 1, 1, 1]]), torch.tensor([1]), layout=SpanLayout(2), token_ids=IDS)
     with pytest.raises(ValueError, match=r"sequence 0: response_start 0"):
         action_masks(ids, torch.ones_like(ids), torch.tensor([0]), layout=SpanLayout(2), token_ids=IDS)
+
+
+def simulate(kind, K, rng, forced_first, max_len):
+    """An independent decoder: a queue of forced tokens per span; returns (tokens, sampled, latent)."""
+    vocab = [20, 21, 22, S, S, P_, E]  # START drawn often; PAD / END may be sampled in text mode
+    toks, sampled, latent, queue = [], [], [], []
+    if forced_first:
+        queue = [S]
+    while len(toks) < max_len:
+        p = len(PROMPT) + len(toks)
+        if queue:
+            t = queue.pop(0)
+        else:
+            t = rng.choice(vocab)
+            sampled.append(p)
+        toks.append(t)
+        if t == S:  # only emitted in text mode (sampled) or as the forced first token: opens a span
+            if kind == "standard":   # K PADs take latents after START's own embedded position
+                queue += [P_] * K + [E]
+                latent += [q for q in range(p + 1, p + 1 + K)]
+            else:                    # START's own position + K - 1 PADs take latents
+                queue += [P_] * (K - 1) + [E]
+                latent += [q for q in range(p, p + K)]
+    n = len(PROMPT) + len(toks)
+    return toks, sampled, [q for q in latent if q < n]
+
+
+@pytest.mark.parametrize("kind", ["standard", "monet-v1"])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_random_rollouts_match_simulated_decoder(kind, K):
+    import random
+    rng = random.Random(K)
+    rows, expect, ff = [], [], []
+    for i in range(40):
+        forced_first = rng.random() < 0.3
+        toks, sampled, latent = simulate(kind, K, rng, forced_first, rng.randint(1, 25))
+        rows.append(toks)
+        ff.append(forced_first)
+        expect.append(sorted([(p, "text") for p in sampled] + [(p, "latent") for p in latent]))
+    got, _ = terms(rows, kind, K=K, forced_first=ff)
+    assert got == expect

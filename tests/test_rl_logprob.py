@@ -29,22 +29,25 @@ SIGMA = 10.0
 class Rollout:
     ids: list[int]
     prompt_len: int
-    pixel_values: torch.Tensor
-    grid: torch.Tensor
+    pixel_values: torch.Tensor | None
+    grid: torch.Tensor | None
     text_pos: list[int]       # sampled response tokens
     latent_pos: list[int]     # positions whose input is a latent
     forced_first: bool
     latents: torch.Tensor | None = None
 
 
-def build_rollout(processor, kind: str, segments: list, seed: int, forced_first: bool = False) -> Rollout:
+def build_rollout(processor, kind: str, segments: list, seed: int, forced_first: bool = False,
+                  image: bool = True) -> Rollout:
     """``segments``: strings (sampled text) and ``"SPAN"`` / ``"SPAN_CUT"`` (a span, cut after 2 tokens)."""
     tok = processor.tokenizer
     ids = LatentTokenIds.from_tokenizer(tok)
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"what is shown {seed}?"}]}],
+        [{"role": "user", "content": ([{"type": "image"}] if image else [])
+          + [{"type": "text", "text": f"what is shown {seed}?"}]}],
         add_generation_prompt=True)
-    enc = processor(text=[prompt], images=[synthetic_image(seed, size=(56 + 28 * seed, 56))], return_tensors="pt")
+    images = [synthetic_image(seed, size=(56 + 28 * seed, 56))] if image else None
+    enc = processor(text=[prompt], images=images, return_tensors="pt")
     seq = enc["input_ids"][0].tolist()
     P = len(seq)
     text_pos, latent_pos = [], []
@@ -68,16 +71,18 @@ def build_rollout(processor, kind: str, segments: list, seed: int, forced_first:
             new = tok.encode(seg, add_special_tokens=False)
             text_pos += list(range(len(seq), len(seq) + len(new)))
             seq += new
-    return Rollout(seq, P, enc["pixel_values"], enc["image_grid_thw"], text_pos, latent_pos, forced_first)
+    return Rollout(seq, P, enc.get("pixel_values"), enc.get("image_grid_thw"), text_pos, latent_pos, forced_first)
 
 
-def rollouts(processor, kind: str) -> list[Rollout]:
+def rollouts(processor, kind: str, images: bool = True) -> list[Rollout]:
+    """Four rollouts: two spans; a span cut by the length limit; a forced first START; no image."""
     im_end = "<|im_end|>"
     return [
-        build_rollout(processor, kind, ["look at the", "SPAN", " red circle", "SPAN", " so \\boxed{red}" + im_end], 0),
-        build_rollout(processor, kind, ["zoom in", "SPAN", " corner", "SPAN_CUT"], 1),
-        build_rollout(processor, kind, ["SPAN", " it is red" + im_end], 2, forced_first=True),
-        build_rollout(processor, kind, ["the shape is red" + im_end], 3),
+        build_rollout(processor, kind, ["look at the", "SPAN", " red circle", "SPAN", " so \\boxed{red}" + im_end], 0,
+                      image=images),
+        build_rollout(processor, kind, ["zoom in", "SPAN", " corner", "SPAN_CUT"], 1, image=images),
+        build_rollout(processor, kind, ["SPAN", " it is red" + im_end], 2, forced_first=True, image=images),
+        build_rollout(processor, kind, ["the", "SPAN", " shape is red" + im_end], 3, image=False),
     ]
 
 
@@ -88,8 +93,10 @@ def collate(rs: list[Rollout]) -> RolloutBatch:
     for b, r in enumerate(rs):
         ids[b, :len(r.ids)] = torch.tensor(r.ids)
         am[b, :len(r.ids)] = 1
+    with_images = [r for r in rs if r.pixel_values is not None]
     return RolloutBatch(ids, am, torch.tensor([r.prompt_len for r in rs]), [r.latents for r in rs],
-                        torch.cat([r.pixel_values for r in rs]), torch.cat([r.grid for r in rs]),
+                        torch.cat([r.pixel_values for r in with_images]) if with_images else None,
+                        torch.cat([r.grid for r in with_images]) if with_images else None,
                         torch.tensor([r.forced_first for r in rs]))
 
 
@@ -120,10 +127,11 @@ def tiny(tiny_on):
     return tiny_on("cpu")
 
 
+@pytest.mark.parametrize("images", [True, False], ids=["images", "text-only"])
 @pytest.mark.parametrize("kind", ["standard", "monet-v1"])
-def test_matches_prefix_by_prefix_reference(tiny, kind):
+def test_matches_prefix_by_prefix_reference(tiny, kind, images):
     model, processor = tiny
-    rs = rollouts(processor, kind)
+    rs = rollouts(processor, kind, images)
     g = torch.Generator().manual_seed(1)
     D = model.config.text_config.hidden_size
     for r in rs:

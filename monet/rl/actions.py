@@ -101,8 +101,13 @@ def action_masks(
             raise ValueError(f"sequence {b}: the prompt holds START at position {p}; prompts with latent spans "
                              "are not supported (their latents are not recorded). A prompt that ends with START "
                              "must pass it as the first response token with forced_first_start=True")
-        r = FORCE_START if bool(forced_first_start[b]) else 0
-        for p in range(P, n):
+        r, p = (FORCE_START if bool(forced_first_start[b]) else 0), P
+        while p < n:
+            if r == 0:  # text mode: advance() keeps the state until a START, so jump to the next one
+                try:
+                    p = row.index(token_ids.start, p, n)
+                except ValueError:
+                    break
             emitted, r_next = layout.advance(r, row[p], start_id=token_ids.start, pad_id=token_ids.pad,
                                              end_id=token_ids.end)
             if r != 0:
@@ -110,6 +115,6 @@ def action_masks(
                     raise ValueError(f"sequence {b}, position {p}: the decoder forces token {emitted} here "
                                      f"(span state {r}), but the rollout has {row[p]}")
                 forced[b, p] = True
-            r = r_next
+            r, p = r_next, p + 1
     forced = forced.to(dev)
     return ActionMasks(text=response & ~forced, latent=latent, forced=forced, response=response)
