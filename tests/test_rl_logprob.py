@@ -86,9 +86,9 @@ def rollouts(processor, kind: str, images: bool = True) -> list[Rollout]:
     ]
 
 
-def collate(rs: list[Rollout]) -> RolloutBatch:
-    L = max(len(r.ids) for r in rs)
-    ids = torch.zeros(len(rs), L, dtype=torch.long)
+def collate(rs: list[Rollout], pad_id: int = 0, extra: int = 0) -> RolloutBatch:
+    L = max(len(r.ids) for r in rs) + extra
+    ids = torch.full((len(rs), L), pad_id, dtype=torch.long)
     am = torch.zeros(len(rs), L, dtype=torch.long)
     for b, r in enumerate(rs):
         ids[b, :len(r.ids)] = torch.tensor(r.ids)
@@ -282,3 +282,21 @@ def test_bad_latents_are_named(tiny):
     rs[1].latents = torch.full((len(rs[1].latent_pos), D), float("nan"))
     with pytest.raises(ValueError, match="sequence 1: latents hold non-finite values"):
         score(model, processor, collate(rs), "standard")
+
+
+def test_padding_content_is_ignored(tiny):
+    """Poisoned padding (START ids, extra columns) changes nothing at valid positions."""
+    model, processor = tiny
+    rs = rollouts(processor, "monet-v1")
+    g = torch.Generator().manual_seed(2)
+    for r in rs:
+        r.latents = torch.randn(len(r.latent_pos), model.config.text_config.hidden_size, generator=g)
+    start = LatentTokenIds.from_tokenizer(processor.tokenizer).start
+    with torch.no_grad():
+        a = score(model, processor, collate(rs), "monet-v1")
+        b = score(model, processor, collate(rs, pad_id=start, extra=5), "monet-v1")
+    L = a.text_logp.shape[1]
+    assert not bool(b.text_logp[:, L:].any()) and not bool(b.masks.latent[:, L:].any())
+    torch.testing.assert_close(b.text_logp[:, :L], a.text_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.latent_logp[:, :L], a.latent_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.mu, a.mu, rtol=1e-5, atol=1e-5)
