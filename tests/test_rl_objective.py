@@ -163,3 +163,23 @@ def test_far_off_policy_action_gives_finite_gradient():
                     torch.tensor([1.0]), config=CFG, n_text=2, n_latent=0)
     out.loss.backward()
     assert bool(torch.isfinite(logp.grad).all()) and bool(torch.isfinite(out.loss))
+
+
+def test_constant_offset_cancels_and_old_ref_adv_are_constants():
+    """A shared constant (the Gaussian normaliser) changes neither loss nor gradient; old / ref /
+    advantages never receive gradient."""
+    g = torch.Generator().manual_seed(4)
+    B, L = 3, 5
+    tmask, lmask, (tl, to, tr), (ll, lo, lr) = _random_terms(g, B, L)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    base = vlpo_loss(ActionTerms(tl, to, tr, tmask), ActionTerms(ll, lo, lr, lmask), adv, config=CFG,
+                     n_text=int(tmask.sum()), n_latent=int(lmask.sum()))
+    (g0,) = torch.autograd.grad(base.loss, ll)
+    c = -0.5 * 3584 * math.log(2 * math.pi * 100.0)
+    lo_c, lr_c, adv_c = (lo + c).requires_grad_(), (lr + c).requires_grad_(), adv.clone().requires_grad_()
+    shifted = vlpo_loss(ActionTerms(tl, to, tr, tmask), ActionTerms(ll + c, lo_c, lr_c, lmask), adv_c, config=CFG,
+                        n_text=int(tmask.sum()), n_latent=int(lmask.sum()))
+    torch.testing.assert_close(shifted.loss, base.loss, rtol=1e-9, atol=1e-9)
+    shifted.loss.backward()
+    torch.testing.assert_close(ll.grad, g0, rtol=1e-7, atol=1e-9)
+    assert lo_c.grad is None and lr_c.grad is None and adv_c.grad is None

@@ -5,7 +5,8 @@ latent positions (:class:`~monet.rl.actions.ActionMasks`), which take the rollou
 latents ``z`` — constants here, exactly what the rollout fed. One forward of the text model gives
 final-norm hidden states ``h`` ``[B, L, D]``; then, for an action at position ``p``:
 
-* text: ``log_softmax(lm_head(h[p - 1]) / T)[t_p]`` (T = rollout temperature, logits in fp32);
+* text: ``log_softmax(lm_head(h[p - 1]) / T)[t_p]`` (T = rollout temperature; the head's
+  logits are upcast to fp32 before the division and the softmax, as a sampler does);
 * latent: ``log N(z_p; mu_p, sigma^2 I) = -||z_p - mu_p||^2 / (2 sigma^2) [- D/2 log(2 pi sigma^2)]``
   with ``mu_p = h[p - 1]`` — the state that produced ``z_p`` at rollout time. ``mu`` is upcast to
   fp32 and all Gaussian arithmetic is fp32 whatever the model dtype (the difference of two bf16
@@ -133,8 +134,8 @@ def policy_logprobs(
     logits = model.get_output_embeddings()(hidden[tb, tp - 1]).float() / temperature  # [N_text, V]
     logsm = torch.log_softmax(logits, dim=-1)
     text = logsm.gather(-1, ids[tb, tp].unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        ent = -(logsm.exp() * logsm).sum(-1)
+    with torch.no_grad():  # logged only; entr(0) = 0 where a probability underflows
+        ent = torch.special.entr(logsm.exp()).sum(-1)
     mu = hidden[lb, lp - 1].float()
     lat = gaussian_logp(z.float(), mu, sigma, constant=latent_logp_constant)
     return PolicyLogProbs(

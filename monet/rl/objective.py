@@ -102,14 +102,14 @@ def _kind_loss(
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     # masked-out entries may hold anything (even nan): select, never multiply
     logp = torch.where(mask, terms.logp.to(dtype), zero)
-    old = torch.where(mask, terms.old_logp.to(dtype), zero)
-    adv = torch.where(mask, advantages.to(dtype), zero)
+    old = torch.where(mask, terms.old_logp.detach().to(dtype), zero)  # constants of the step
+    adv = torch.where(mask, advantages.detach().to(dtype), zero)
     pg, flags = clipped_surrogate(logp - old, adv, clip_low=config.clip_low, clip_high=config.clip_high,
                                   dual_clip=config.dual_clip)
     term = pg
     kl = None
     if use_kl:
-        ref = torch.where(mask, terms.ref_logp.to(dtype), zero)
+        ref = torch.where(mask, terms.ref_logp.detach().to(dtype), zero)
         kl = torch.where(mask, k3_kl(logp, ref), zero)
         term = pg + config.kl_coef * kl
     term = torch.where(mask, term, zero)
