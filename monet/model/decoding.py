@@ -14,12 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from monet import ops
-<<<<<<< HEAD
 from monet.layout import FORCE_START, SpanLayout
 from monet.model.latent_hooks import LatentAblation, LatentOverride
-=======
-from monet.layout import SpanLayout, check_latent_size, check_layout, counter_for_prompt_ending_in_start, is_monet_v1
->>>>>>> kernels
 from monet.model.forward import embed_multimodal, mrope_positions, run_text_model
 from monet.model.outputs import LatentGeneration
 from monet.model.requests import LatentRequest, as_requests, encode_requests
@@ -162,13 +158,7 @@ def generate(
         tokens = sample_tokens(logits, params, generator, bias)
         slots = torch.where(finished, -1, rows)  # finished rows are in text mode: no state to update
         in_text = remaining == 0
-<<<<<<< HEAD
         ops.latent_advance_(tokens, h, slots, remaining, prev_hidden, layout=span, check_indices=False, **token_ids)
-=======
-        ops.latent_advance_(tokens, h, slots, remaining, prev_hidden, start_id=ids.start, pad_id=ids.pad,
-                            end_id=ids.end, layout=SpanLayout(K, "monet-v1" if monet_v1 else "standard"),
-                            check_indices=False)
->>>>>>> kernels
         tokens = torch.where(finished, pad_token, tokens)
         is_latent = span.is_latent_input(remaining) & ~finished
         if override is not None:
@@ -184,12 +174,7 @@ def generate(
         finished |= hit_eos | (limit == t + 1)
         if bool(finished.all()):
             break
-<<<<<<< HEAD
         ops.latent_embed_(step_input, tokens, slots, remaining, prev_hidden, embed_weight, span, check_indices=False)
-=======
-        ops.latent_embed_(step_input, tokens, slots, remaining, prev_hidden, embed_weight,
-                          SpanLayout(K, "monet-v1" if monet_v1 else "standard"), check_indices=False)
->>>>>>> kernels
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = next_pos.view(1, B, 1).expand(3, B, 1)
         hidden, cache = run_text_model(model, step_input.unsqueeze(1), pos, attn, past_key_values=cache, use_cache=True)
