@@ -11,7 +11,7 @@ Implementations per case:
   composite  written here the way one would in plain PyTorch without our ops (torch.where + index
              ops; vectorised, so latent_advance_ is not the Python-loop reference)
 Every case first checks that all implementations agree exactly on its inputs. Ratios are
-``impl / native`` of medians from one run (SPEC section 9); the goal below is reported, not asserted.
+``impl / native`` of medians from one run (only side-by-side ratios mean anything on shared machines); the goal below is reported, not asserted.
 """
 
 from __future__ import annotations
