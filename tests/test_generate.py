@@ -105,7 +105,7 @@ def test_latent_ablations_match_reference(tiny, layout):
     other = torch.randn(K - 1, D, generator=torch.Generator().manual_seed(5))  # fewer vectors than latents
     changed = 0
     for ab in (monet.LatentAblation("zeros"), monet.LatentAblation("start"), monet.LatentAblation("noise", seed=3),
-               monet.LatentAblation("replace", vectors=other)):
+               monet.LatentAblation("replace", vectors=other), monet.LatentAblation("perturb", seed=1, scale=0.5)):
         outs = monet.generate(model, processor, reqs, max_new_tokens=n, latent_size=K, layout=layout,
                               return_latents=True, logit_bias=bias, ablations=[ab, ab])
         gen, pos, vecs = naive_latent_decode(model, processor, reqs[0], latent_size=K, layout=layout,
@@ -121,6 +121,11 @@ def test_latent_ablations_match_reference(tiny, layout):
             ref = naive_latent_decode(model, processor, reqs[0], latent_size=K, layout=layout, max_new_tokens=n,
                                       eos_ids=eos, logit_bias=bias, ablate=lambda j, h: h)
             torch.testing.assert_close(outs[0].latents[0].norm(), ref[2][0].norm(), rtol=1e-5, atol=1e-5)
+        if ab.mode == "perturb":  # z + 0.5 * eps: the first latent moved by noise of the expected size
+            ref = naive_latent_decode(model, processor, reqs[0], latent_size=K, layout=layout, max_new_tokens=n,
+                                      eos_ids=eos, logit_bias=bias, ablate=lambda j, h: h)
+            eps = torch.randn(D, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(outs[0].latents[0], ref[2][0] + 0.5 * eps, rtol=1e-5, atol=1e-5)
         if ab.mode == "replace":
             torch.testing.assert_close(outs[0].latents[:K - 1], other)
             assert bool((outs[0].latents[K - 1] == 0).all())

@@ -12,7 +12,9 @@ Modes (``z`` is the latent the model produced, ``j`` its index within the reques
 * ``"start"``: the START token's input embedding;
 * ``"noise"``: Gaussian noise rescaled to ``||z||`` (seeded per request: ``seed``);
 * ``"replace"``: ``vectors[j]`` (e.g. another sample's latent at the same index); ``0`` once
-  ``j >= len(vectors)``.
+  ``j >= len(vectors)``;
+* ``"perturb"``: ``z + scale * eps`` with ``eps ~ N(0, I)`` (seeded per request: ``seed``) — the
+  exploration noise of VLPO rollouts; the perturbed vector is the recorded action.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-MODES = ("zeros", "start", "noise", "replace")
+MODES = ("zeros", "start", "noise", "replace", "perturb")
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,15 @@ class LatentAblation:
     mode: str
     vectors: torch.Tensor | None = None  # [n, D] for mode "replace"
     seed: int = 0
+    scale: float = 0.0  # for mode "perturb"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"latent ablation mode must be one of {MODES}, got {self.mode!r}")
+        if not (self.scale >= 0 and self.scale < float("inf")):
+            raise ValueError(f"latent ablation scale must be a finite number >= 0, got {self.scale!r}")
+        if (self.scale > 0) != (self.mode == "perturb" and self.scale > 0):
+            raise ValueError("latent ablation: scale is only used by mode 'perturb'")
         if (self.mode == "replace") != (self.vectors is not None):
             raise ValueError("latent ablation: vectors are required for mode 'replace' and only for it")
         if self.vectors is not None and (self.vectors.ndim != 2):
@@ -47,8 +54,10 @@ def ablated_latent(ab: LatentAblation, z: torch.Tensor, index: int, start_embedd
         return torch.zeros_like(z)
     if ab.mode == "start":
         return start_embedding.to(z.dtype)
-    if ab.mode == "noise":
+    if ab.mode in ("noise", "perturb"):
         g = torch.randn(z.shape, generator=generator, dtype=torch.float32, device="cpu").to(z.device)
+        if ab.mode == "perturb":
+            return (z.float() + ab.scale * g).to(z.dtype)
         return (g * (z.float().norm() / g.norm().clamp_min(1e-12))).to(z.dtype)
     vec = ab.vectors
     if index >= vec.shape[0]:
@@ -63,8 +72,8 @@ class LatentOverride:
 
     def __init__(self, ablations: Sequence[LatentAblation | None]):
         self.ablations = list(ablations)
-        self._gens = [torch.Generator().manual_seed(a.seed) if a is not None and a.mode == "noise" else None
-                      for a in self.ablations]
+        self._gens = [torch.Generator().manual_seed(a.seed) if a is not None and a.mode in ("noise", "perturb")
+                      else None for a in self.ablations]
 
     def apply_(self, prev_hidden: torch.Tensor, is_latent: torch.Tensor, n_latents: torch.Tensor,
                embed_weight: torch.Tensor, ids) -> None:

@@ -129,6 +129,8 @@ def _ablation_dict(ab: LatentAblation | None) -> dict | None:
     if ab is None:
         return None
     d: dict[str, Any] = {"mode": ab.mode, "seed": ab.seed}
+    if ab.scale:
+        d["scale"] = ab.scale
     if ab.vectors is not None:
         d["vectors"] = ab.vectors.detach().to("cpu").float().tolist()
     return d
@@ -141,7 +143,7 @@ def _parse_ablation(value: Any, key: str) -> LatentAblation | None:
         return None
     if isinstance(value, LatentAblation):
         return value
-    if not isinstance(value, Mapping) or not set(value) <= {"mode", "seed", "vectors"}:
+    if not isinstance(value, Mapping) or not set(value) <= {"mode", "seed", "vectors", "scale"}:
         raise ValueError(f"{key} must be an object with 'mode' and optional 'seed' / 'vectors', got {value!r:.80}")
     vec = value.get("vectors")
     if vec is not None:
@@ -155,7 +157,10 @@ def _parse_ablation(value: Any, key: str) -> LatentAblation | None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{key}.seed must be an int, got {seed!r}")
     try:
-        return LatentAblation(str(value.get("mode")), vectors=vec, seed=seed)
+        scale = value.get("scale", 0.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"{key}.scale must be a number, got {scale!r}")
+        return LatentAblation(str(value.get("mode")), vectors=vec, seed=seed, scale=float(scale))
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
 

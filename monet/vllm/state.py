@@ -120,7 +120,8 @@ class LatentState:
         self.reqs[req_id] = _Req(slot, settings, len(ids), initial)
         if settings.ablation is not None:
             ab = settings.ablation
-            self._ablated[slot] = (ab, torch.Generator().manual_seed(ab.seed) if ab.mode == "noise" else None)
+            self._ablated[slot] = (ab, torch.Generator().manual_seed(ab.seed) if ab.mode in ("noise", "perturb")
+                                   else None)
         self._dirty = True
         self._pending_init.append((slot, initial, layout.latent_size, layout.monet_v1))
         if settings.return_latents and settings.tag is not None:
