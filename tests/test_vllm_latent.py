@@ -323,7 +323,8 @@ def test_latent_ablations_match_hf(llm, hf):
     other = torch.randn(2, D, generator=torch.Generator().manual_seed(1))
     for layout in ("standard", "monet-v1"):
         for ab in (monet.LatentAblation("zeros"), monet.LatentAblation("start"),
-                   monet.LatentAblation("noise", seed=2), monet.LatentAblation("replace", vectors=other)):
+                   monet.LatentAblation("noise", seed=2), monet.LatentAblation("replace", vectors=other),
+                   monet.LatentAblation("perturb", seed=3, scale=0.5)):
             abl = [ab, None, ab, ab]
             kw = dict(max_new_tokens=14, latent_size=3, layout=layout, return_latents=True, ablations=abl,
                       logit_bias={model.monet_config.token_ids.start: 0.5})
