@@ -2,7 +2,8 @@
 
 The JSON under ``scripts/deepspeed/`` holds the ZeRO settings; batch size, accumulation, clipping
 and precision always come from the :class:`SFTConfig` (one source of truth), so those keys are
-filled in here.
+filled in here. DeepSpeed is imported only here, when a config asks for it, with its log output
+on stderr (see :func:`import_deepspeed`).
 """
 
 from __future__ import annotations
@@ -40,16 +41,28 @@ def deepspeed_config(cfg: SFTConfig) -> dict:
     return ds
 
 
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
+def import_deepspeed():
+    """Import DeepSpeed with its log output on stderr.
+
+    DeepSpeed's logger binds a handler to ``sys.stdout`` when the package is first imported (and
+    logs an accelerator banner right then), which would mix library chatter into a command's
+    output. Importing it while ``sys.stdout`` points at stderr binds that handler to stderr."""
+    import contextlib
+    import sys
+
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed
+    except ImportError:
+        raise ImportError("SFTConfig.deepspeed is set but DeepSpeed is not installed: pip install -e '.[train]'") from None
+    return deepspeed
 
 
 def init_engine(cfg: SFTConfig, model: Any, optimizer: Any, scheduler: Any):
     """``deepspeed.initialize`` with our optimizer and scheduler. Returns the engine."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise ImportError("SFTConfig.deepspeed is set but DeepSpeed is not installed: pip install -e '.[train]'") from None
+    deepspeed = import_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), dist_init_required=False)
     return engine
