@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from monet.data.alignment import aligned_counts, aligned_positions, example_key
 from monet.data.collate import StageBatch, StageCollator
 from monet.model.training import latent_forward
 from monet.train.checkpoint import (
+    CheckpointError,
     check_finite_weights,
     latest_checkpoint,
     load_checkpoint_config,
@@ -353,6 +355,9 @@ class SFTTrainer:
             self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
         else:
             # safetensors only: a planted pytorch_model.bin (a pickle) is never read
+            if not any((ckpt / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+                raise CheckpointError(f"{ckpt} has no safetensors weights (model.safetensors); pickled weights "
+                                      "are never loaded")
             fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype,
                                                      use_safetensors=True)
             self.model.load_state_dict(fresh.state_dict())
@@ -460,7 +465,10 @@ class SFTTrainer:
             if self.cfg.max_grad_norm:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, norm)
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped first step calls the scheduler before any optimizer step, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         return grad_norm, skip
 
     def close(self) -> None:
