@@ -215,8 +215,10 @@ def _exit_code(e: BaseException) -> int | None:
     loss or weights), None for anything else (a bug: let the traceback through)."""
     if isinstance(e, (FileNotFoundError, ValueError)):
         return 2
-    from monet.atomic import DiskFullError
+    from monet.atomic import DiskFullError, is_disk_full
 
+    if is_disk_full(e):  # also an ENOSPC raised by a writer that does not wrap it
+        return 1
     faults: tuple[type, ...] = (DiskFullError,)
     for module, name in (("monet.train.sft", "NonFiniteLossError"),
                          ("monet.train.checkpoint", "NonFiniteWeightsError")):
