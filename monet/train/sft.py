@@ -19,7 +19,7 @@ moments unchanged; the step number and the LR schedule advance; a warning counts
 DeepSpeed, which applies the update itself, the first non-finite loss stops the run before its
 backward pass. A checkpoint is never written with non-finite weights. Resuming with changed
 settings prints which changed and whether they take effect; settings the checkpoint cannot
-follow (stage, latent_size, freeze_vision, DeepSpeed on/off) are refused.
+follow (stage, latent_size, freeze_vision, the DeepSpeed config) are refused.
 """
 
 from __future__ import annotations
