@@ -346,3 +346,30 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     with pytest.raises(DiskFullError, match="no space left on device while writing training metrics: "
                                             + re.escape(str(tmp_path / "metrics.jsonl"))):
         log.log(1, {"loss": 1.0})
+
+
+def test_malicious_pickle_in_deepspeed_shards_is_refused(tmp_path):
+    """DeepSpeed unpickles its shards in full; they are parsed with the weights-only unpickler first."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from monet.train.checkpoint import CheckpointError
+    from monet.train.deepspeed_engine import check_deepspeed_checkpoint
+
+    good = tmp_path / "good"
+    good.mkdir()
+    torch.save({"module": {"w": torch.ones(3)}, "zero_stage": ZeroStageEnum.gradients,
+                "frags": [fragment_address(numel=3, start=0)], "loss_scaler": LossScaler(1.0)},
+               good / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert check_deepspeed_checkpoint(good) == 1
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    torch.save({"module": {"w": torch.ones(3)}, "x": _Payload(marker)}, bad / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: refusing to let DeepSpeed unpickle it"):
+        check_deepspeed_checkpoint(bad)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="holds no DeepSpeed checkpoint files"):
+        check_deepspeed_checkpoint(tmp_path / "missing")

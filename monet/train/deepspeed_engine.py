@@ -60,6 +60,51 @@ def import_deepspeed():
     return deepspeed
 
 
+def _deepspeed_record_classes() -> list[type]:
+    """The plain data classes DeepSpeed's ZeRO checkpoints pickle besides tensors and containers
+    (a fragment's address, the ZeRO stage enum, the loss scaler's settings)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, ZeroStageEnum, LossScaler]
+
+
+def check_deepspeed_checkpoint(folder: str | Path) -> int:
+    """Refuse a DeepSpeed checkpoint folder unless every pickle in it parses with torch's
+    weights-only unpickler (tensors, plain containers and DeepSpeed's record classes only).
+
+    DeepSpeed itself loads its files with ``torch.load(weights_only=False)``, which can execute
+    code. Parsing the same bytes first with the weights-only unpickler, which resolves every
+    global the stream names against an allowlist and fails on anything else, means DeepSpeed's
+    full unpickling then meets only those globals. Tensors are memory-mapped, not read. Returns
+    the number of files checked; raises :class:`monet.train.checkpoint.CheckpointError`."""
+    import torch
+
+    from monet.train.checkpoint import CheckpointError
+
+    import_deepspeed()
+    allowed = _deepspeed_record_classes()
+    files = sorted(p for p in Path(folder).rglob("*.pt") if p.is_file())
+    if not files:
+        raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint files (*.pt)")
+    for f in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+            except Exception:
+                names = []
+            extra = [n for n in names if n not in {f"{c.__module__}.{c.__qualname__}" for c in allowed}]
+            raise CheckpointError(
+                f"{f}: refusing to let DeepSpeed unpickle it: it holds objects other than tensors, plain containers "
+                f"and DeepSpeed's checkpoint records{f' ({extra})' if extra else ''}, and unpickling those can "
+                f"execute code [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from None
+    return len(files)
+
+
 def init_engine(cfg: SFTConfig, model: Any, optimizer: Any, scheduler: Any):
     """``deepspeed.initialize`` with our optimizer and scheduler. Returns the engine."""
     deepspeed = import_deepspeed()

@@ -352,6 +352,9 @@ class SFTTrainer:
                              "the data order would differ")
         self._check_resume_settings(ckpt)
         if self.engine is not None:
+            from monet.train.deepspeed_engine import check_deepspeed_checkpoint
+
+            check_deepspeed_checkpoint(ckpt / "deepspeed" / "state")  # DeepSpeed unpickles them in full
             self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
         else:
             # safetensors only: a planted pytorch_model.bin (a pickle) is never read
