@@ -1,4 +1,5 @@
-"""SFT trainer: loss decreases per stage, accumulation normalisation, resume, online teacher, torchrun."""
+"""SFT trainer: loss decreases per stage, accumulation normalisation, resume, online teacher, torchrun;
+typed --set values, skipped non-finite steps, resume with changed settings, the stage table."""
 
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or "state" not in doc:
-        raise CheckpointError(f"{path} is not a monet trainer state (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{path} is not a monet trainer state (format {fmt!r})")
     if int(doc.get("version", 0)) > STATE_VERSION:
         raise CheckpointError(f"{path} has trainer-state version {doc['version']}; this monet reads up to "
                               f"{STATE_VERSION} (upgrade monet)")

@@ -75,8 +75,9 @@ class RunDirectory:
                 "pass --resume to continue that run, --overwrite to delete its files and start over, "
                 "or choose another output_dir")
         if foreign:
-            raise RunDirectoryError(f"output_dir {self.path} holds files that are not from an SFT run ({', '.join(foreign[:6])}); "
-                                    "--overwrite only deletes a run's own files: choose an empty output_dir")
+            raise RunDirectoryError(f"output_dir {self.path} holds files that are not from an SFT run "
+                                    f"({', '.join(foreign[:6])}); --overwrite only deletes a run's own files: "
+                                    "choose an empty output_dir")
         for name in used:
             _remove(self.path / name)
 
