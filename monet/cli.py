@@ -181,7 +181,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_HELP = "serve a model with vLLM's OpenAI-compatible server (needs vLLM; see `monet serve --help`)"
+_SERVE_HELP = "OpenAI-compatible server (vLLM) with latent decoding (see `monet serve --help`)"
 
 
 def _add_serve(sub, full: bool) -> None:
