@@ -213,7 +213,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def _exit_code(e: BaseException) -> int | None:
     """2 for bad input or settings, 1 for a run stopped by a detected fault (full disk, non-finite
     loss or weights), None for anything else (a bug: let the traceback through)."""
-    if isinstance(e, (FileNotFoundError, IsADirectoryError, ValueError, TypeError)):
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, ValueError)):
         return 2
     from monet.atomic import DiskFullError, is_disk_full
 
