@@ -20,7 +20,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="user message")
     p.add_argument("--latent-size", type=int, default=None, help="latent steps per span (default: model's config)")
     p.add_argument("--layout", choices=["standard", "monet-v1"], default=None)
-    p.add_argument("--force-latent", action="store_true", help="open the answer with a latent span (START forced as the first generated token)")
+    p.add_argument("--force-latent", action="store_true",
+                   help="open the answer with a latent span (START forced as the first generated token)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
