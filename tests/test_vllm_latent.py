@@ -231,10 +231,11 @@ def test_request_errors(llm):
         llm.generate("hi", temperature=float("nan"))
     # the runner's request validator (vLLM's admission hook) refuses bad settings of raw engine requests
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     for xargs, pattern in [({"monet_latent_size": 0}, "latent_size must be >= 1"),
                            ({"monet_bogus": 1}, "unknown Monet request settings")]:
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(VLLMValidationError, match=pattern):
             llm.llm.generate([{"prompt": "hi"}], SamplingParams(max_tokens=2, extra_args=xargs), use_tqdm=False)
 
 
