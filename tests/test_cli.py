@@ -18,7 +18,7 @@ def test_generate_prints_rendered_answer_and_summary(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 0
     assert out.startswith(SPAN_PLACEHOLDER)
-    assert "latent positions: [0, 1, 2]" in out
+    assert "latent positions: [1, 2, 3]" in out  # START forced as token 0, then K = 3 latents
     assert "10 tokens, 3 latent steps in 1 spans" in err and "tokens/s" in err
 
 
