@@ -403,7 +403,9 @@ def run_eval(settings: EvalSettings, *, engine: Any = None, on_record: Callable[
     loading one (it is not closed here). ``console``: a rich console for the tables."""
     from rich.console import Console
 
-    console = console or Console()
+    import sys
+
+    console = console or Console(**({} if sys.stdout.isatty() else {"width": 150}))  # logs: no truncated columns
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     ablation_names = parse_ablations(settings.ablations)
@@ -443,7 +445,8 @@ def run_eval(settings: EvalSettings, *, engine: Any = None, on_record: Callable[
         if own_engine:
             engine.close()
         scorer.close()
-    console.print(f"[bold]{report['latent_usage_summary']}[/bold]")
+    if len(per_k) > 1:
+        console.print(f"[bold]latent usage[/bold]: {report['latent_usage_summary']}")
     console.print(f"report: {paths['json']}  html: {paths['html']}")
     return EvalResult(out, settings, checkpoint, engine.name, per_k, report, paths)
 
@@ -520,7 +523,7 @@ def _print_k(console, res: KResult) -> None:
                       f"{100 * r.delta_low:+.1f}..{100 * r.delta_high:+.1f}", f"{r.prediction_changed:.1%}",
                       f"{r.text_changed:.1%}")
         console.print(t)
-    console.print(f"K={res.span.latent_size}: {res.latent_usage['message']}")
+    console.print(f"[bold]K={res.span.latent_size}: {res.latent_usage['message']}[/bold]")
 
 
 def _settings_dict(settings: EvalSettings, engine: str, judge_dict: dict | None) -> dict:
