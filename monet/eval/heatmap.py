@@ -95,7 +95,7 @@ def plot_latent_heatmaps(image: Any, heat: ImageHeatmaps, path: str | os.PathLik
     vmin, vmax = float(maps.min()), float(maps.max())
     if vmax - vmin < 1e-12:
         vmin, vmax = vmin - 1e-3, vmax + 1e-3
-    fig = Figure(figsize=(2.6 * cols + 0.8, 2.6 * rows * h / max(w, 1) + 0.6))
+    fig = Figure(figsize=(2.4 * cols + 1.2, 2.4 * rows * h / max(w, 1) + 0.7), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for k, ax in enumerate(axes.flat):
