@@ -40,9 +40,9 @@ from monet.scoring import Scorer
 from monet.testing import build_tiny_checkpoint
 from report import Goal, time_interleaved
 
-N = 32
-BATCH = 16
-STEPS = 32
+N = 16
+BATCH = 8
+STEPS = 24
 K = 4
 
 

@@ -165,24 +165,42 @@ def test_html_report_is_self_contained(full_run):
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-def test_cli_on_benchmark_tsv_fixtures(ckpt, tmp_path, capsys):
+def test_cli_on_benchmark_tsv_fixtures_with_k_sweep_and_judge(ckpt, tmp_path, capsys):
     out = tmp_path / "tsv"
-    benches = "VStarBench,HRBench4K,MME-RealWorld-Lite,VisualPuzzles"
-    rc = main(["eval", "--model", str(ckpt), "--bench", benches, "--data", str(FIXTURES), "--out", str(out),
-               "--engine", "hf", "--device", "cpu", "--latent-size", "1", "--limit", "2", "--max-new-tokens", "3",
-               "--batch-size", "4", "--heatmaps", "0", "--no-progress"])
+    files = {"VStarBench": "VStarBench.tsv", "HRBench4K": "hr_bench_4k.tsv",
+             "MME-RealWorld-Lite": "mme_realworld_lite.tsv", "VisualPuzzles": "VisualPuzzles.tsv"}
+    judge = tmp_path / "judge.yaml"  # a judge nobody listens to: every call fails at once, stays undecided
+    judge.write_text("judge:\n  model: judge-model\n  base_url: http://127.0.0.1:9/v1\n  api_key: sk-SECRET-123\n"
+                     "  max_retries: 0\n  timeout_s: 2\n")
+    data = [a for b, f in files.items() for a in ("--data", f"{b}={FIXTURES / f}")]
+    rc = main(["eval", "--model", str(ckpt), "--bench", ",".join(files), *data, "--out", str(out),
+               "--engine", "hf", "--device", "cpu", "--latent-size", "1,2", "--limit", "2", "--max-new-tokens", "3",
+               "--batch-size", "4", "--heatmaps", "0", "--judge-config", str(judge), "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    rows = rep["runs"][0]["rows"]
-    alls = {r["benchmark"]: r for r in rows if r["category"] == "ALL"}
-    assert set(alls) == set(benches.split(","))
-    for bench, r in alls.items():
-        recs, _ = read_records(out / "K1" / bench / "records.jsonl")
-        assert r["n"] == len(recs) == 2
-        assert r["chance"] == pytest.approx(sum(1 / x.num_options for x in recs) / 2)
-        cats = {x.category for x in recs if x.category is not None}
-        assert {c["category"] for c in rows if c["benchmark"] == bench and c["category"] != "ALL"} == cats
-    assert {lr["benchmark"] for lr in rep["load_reports"]} == set(alls)
+    assert [r["latent_size"] for r in rep["runs"]] == [1, 2]
+    for run in rep["runs"]:
+        k = run["latent_size"]
+        rows = run["rows"]
+        alls = {r["benchmark"]: r for r in rows if r["category"] == "ALL"}
+        assert set(alls) == set(files)
+        for bench, r in alls.items():
+            recs, _ = read_records(out / f"K{k}" / bench / "records.jsonl")  # one records file per K
+            assert r["n"] == len(recs) == 2
+            assert r["chance"] == pytest.approx(sum(1 / x.num_options for x in recs) / 2)
+            cats = {x.category for x in recs if x.category is not None}
+            assert {c["category"] for c in rows if c["benchmark"] == bench and c["category"] != "ALL"} == cats
+            for x in recs:
+                if x.decided_by == "undecided":
+                    assert x.detail == "judge:error"  # it went to the judge
+        assert rep["accuracy_vs_k"]["VStarBench"][run is rep["runs"][1]][0] == k
+    assert (out / "plots" / "accuracy_vs_k.png").is_file()
+    assert {lr["benchmark"] for lr in rep["load_reports"]} == set(files)
+    assert rep["settings"]["judge"]["model"] == "judge-model"
+    for f in (out / "report.json", out / "K1" / "report.json", out / "report.html"):
+        assert "sk-SECRET-123" not in f.read_text()
+    with open(out / "report.csv") as f:
+        assert sorted({r["latent_size"] for r in csv.DictReader(f)}) == ["1", "2"]
     console = capsys.readouterr().out
     assert "VStarBench" in console and "latent diagnostics" in console
 

@@ -440,7 +440,7 @@ def run_eval(settings: EvalSettings, *, engine: Any = None, on_record: Callable[
             from monet.eval.engine import HFEvalEngine
 
             heat_engine = HFEvalEngine(settings.model, dtype=settings.dtype, device=settings.device)
-        report, paths = _write_outputs(out, settings, checkpoint, engine.name, per_k, loaded, heat_engine)
+        report, paths = _write_outputs(out, settings, checkpoint, engine.name, per_k, loaded, heat_engine, judge)
     finally:
         if own_engine:
             engine.close()
@@ -536,14 +536,14 @@ def _settings_dict(settings: EvalSettings, engine: str, judge_dict: dict | None)
 
 
 def _write_outputs(out: Path, settings: EvalSettings, checkpoint: dict, engine: str, per_k: list[KResult],
-                   loaded: dict[str, LoadedBenchmark], heat_engine: Any) -> tuple[dict, dict[str, Path]]:
+                   loaded: dict[str, LoadedBenchmark], heat_engine: Any,
+                   judge_config: JudgeConfig | None = None) -> tuple[dict, dict[str, Path]]:
     import csv
 
     from monet.eval import plots
     from monet.eval.html_report import HtmlSample, write_html_report
 
-    judge = load_judge_config(settings.judge_config).to_dict() if settings.judge_config else None
-    sdict = _settings_dict(settings, engine, judge)
+    sdict = _settings_dict(settings, engine, judge_config.to_dict() if judge_config is not None else None)
     load_reports = [d.report.to_dict() for d in loaded.values()]
     for res in per_k:
         write_report(res.rows, res.directory, settings={**sdict, "latent_size": res.span.latent_size,
