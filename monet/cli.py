@@ -1,4 +1,9 @@
-"""``monet`` command line: ``monet generate`` (HF or vLLM engine) and the training/data commands."""
+"""``monet`` command line: ``monet generate`` (HF or vLLM engine) and the training/data commands.
+
+Building the parser imports nothing heavy: each command imports what it needs when it runs (the
+``serve`` parser, which needs vLLM, is built only for ``monet serve``), so no command pays for, or
+prints the import-time chatter of, libraries it does not use.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="user message")
     p.add_argument("--latent-size", type=int, default=None, help="latent steps per span (default: model's config)")
     p.add_argument("--layout", choices=["standard", "monet-v1"], default=None)
-    p.add_argument("--force-latent", action="store_true", help="open the answer with a latent span (START forced as the first generated token)")
+    p.add_argument("--force-latent", action="store_true",
+                   help="open the answer with a latent span (START forced as the first generated token)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -64,6 +70,8 @@ def _add_sft(sub) -> None:
     p.add_argument("--config", required=True, help="YAML file with SFTConfig fields")
     p.add_argument("--stage", type=int, choices=[1, 2, 3], default=None, help="overrides the config's stage")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run's checkpoints and metrics in output_dir and start over")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_sft)
@@ -81,7 +89,7 @@ def _load_config(args: argparse.Namespace):
 def _cmd_sft(args: argparse.Namespace) -> int:
     from monet.train.pipeline import run_sft
 
-    run_sft(_load_config(args), resume=args.resume, device=args.device)
+    run_sft(_load_config(args), resume=args.resume, overwrite=args.overwrite, device=args.device)
     return 0
 
 
@@ -100,9 +108,13 @@ def _add_precompute(sub) -> None:
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
+    from monet.train.precompute import parse_layers
+
+    layers = parse_layers(args.layers)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     from monet.train.pipeline import run_precompute
 
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     run_precompute(_load_config(args), args.what, args.out, layers=layers, dtype=args.dtype,
                    batch_size=args.batch_size, device=args.device)
     if args.verify:
@@ -225,14 +237,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
-    """``monet serve MODEL ... -- <vllm serve options>`` (needs vLLM; registered lazily)."""
-    from monet.vllm.cli import add_serve_parser
-
-    add_serve_parser(sub)
+_SERVE_HELP = "OpenAI-compatible server (vLLM) with latent decoding (see `monet serve --help`)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_serve(sub, full: bool) -> None:
+    """``monet serve MODEL ... -- <vllm serve options>``. Its parser comes from ``monet.vllm.cli``,
+    which imports the model stack; it is built only when the command is ``serve`` (``full``), and
+    listed by name otherwise."""
+    if full:
+        from monet.vllm.cli import add_serve_parser
+
+        add_serve_parser(sub)
+    else:
+        sub.add_parser("serve", help=_SERVE_HELP, add_help=False)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``monet`` parser; the ``serve`` parser is built in full only when ``argv`` runs it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="monet", description="Latent visual reasoning for Qwen2.5-VL")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
@@ -241,17 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_quickstart(sub)
     _add_eval(sub)
-    _add_serve(sub)
+    _add_serve(sub, full=bool(argv) and argv[0] == "serve")
     return parser
 
 
+def _exit_code(e: BaseException) -> int | None:
+    """2 for bad input or settings, 1 for a run stopped by a detected fault (full disk, non-finite
+    loss or weights), None for anything else (a bug: let the traceback through)."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, ValueError)):
+        return 2
+    from monet.atomic import DiskFullError, is_disk_full
+
+    if is_disk_full(e):  # also an ENOSPC raised by a writer that does not wrap it
+        return 1
+    faults: tuple[type, ...] = (DiskFullError,)
+    for module, name in (("monet.train.sft", "NonFiniteLossError"),
+                         ("monet.train.checkpoint", "NonFiniteWeightsError")):
+        if module in sys.modules:  # the class can only have been raised if its module is loaded
+            faults += (getattr(sys.modules[module], name),)
+    return 1 if isinstance(e, faults) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, IsADirectoryError, ValueError, TypeError) as e:
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
         print(f"monet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return code
 
 
 if __name__ == "__main__":

@@ -77,19 +77,21 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
     c1 = _stage_config(s, out, 1, base, data, teacher="none")
-    ck1 = Path(timed("stage 1 (warm-up, helper images as images)", lambda: run_sft(c1, progress=progress))["checkpoint"])
+    ck1 = Path(timed("stage 1 (warm-up, helper images as images)",
+                     lambda: run_sft(c1, overwrite=True, progress=progress))["checkpoint"])
     reps = out / "teacher_reps"
     timed("teacher reps (stage-1 model, observation positions)",
           lambda: run_precompute(replace(c1, model=str(ck1)), "teacher-reps", reps, dtype="float32", progress=progress))
     c2 = _stage_config(s, out, 2, ck1, data, teacher="store", teacher_store=str(reps))
     ck2 = Path(timed("stage 2 (latents see the helper image; alignment via latents)",
-                     lambda: run_sft(c2, progress=progress))["checkpoint"])
+                     lambda: run_sft(c2, overwrite=True, progress=progress))["checkpoint"])
     lats = out / "teacher_latents"
     timed("teacher latents (stage-2 model, latent positions)",
           lambda: run_precompute(replace(c2, model=str(ck2)), "teacher-latents", lats, dtype="float32",
                                  progress=progress))
     c3 = _stage_config(s, out, 3, ck1, data, teacher="store", teacher_store=str(lats))
-    ck3 = Path(timed("stage 3 (no helper images; latent distillation)", lambda: run_sft(c3, progress=progress))["checkpoint"])
+    ck3 = Path(timed("stage 3 (no helper images; latent distillation)",
+                     lambda: run_sft(c3, overwrite=True, progress=progress))["checkpoint"])
 
     reports = {}
     for name, ck in (("stage1", ck1), ("stage3", ck3)):

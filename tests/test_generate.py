@@ -84,7 +84,7 @@ def _reference_ablation(ab, model):
     from monet.model.latent_hooks import ablated_latent
 
     start = model.get_input_embeddings().weight[model.monet_config.token_ids.start]
-    gen = torch.Generator().manual_seed(ab.seed) if ab.mode == "noise" else None
+    gen = torch.Generator().manual_seed(ab.seed) if ab.mode in ("noise", "perturb") else None
     return lambda j, h: ablated_latent(ab, h, j, start, gen)
 
 
@@ -112,7 +112,7 @@ def test_latent_ablations_match_reference(tiny, layout):
                                              max_new_tokens=n, eos_ids=eos, logit_bias=bias,
                                              ablate=_reference_ablation(ab, model))
         assert outs[0].token_ids == gen and outs[0].latent_positions == pos, ab.mode
-        torch.testing.assert_close(outs[0].latents, vecs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[0].latents, vecs, rtol=1e-5, atol=1e-5, msg=ab.mode)
         assert outs[1].token_ids == plain[1].token_ids  # no latent fed: nothing to replace
         changed += outs[0].token_ids != plain[0].token_ids
         if ab.mode == "zeros":

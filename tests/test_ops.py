@@ -615,3 +615,13 @@ def test_opcheck_covers_every_op():
 def test_opcheck(device, case):
     op, args, *rest = _opcheck_cases(device)[case]
     torch.library.opcheck(op, args, rest[0] if rest else {})
+
+
+def test_extension_built_against_another_torch_is_refused():
+    from monet.ops import native
+
+    assert native.torch_mismatch("2.13.0+cu130", "2.13.0+cpu") is None  # same release, other build
+    msg = native.torch_mismatch("2.13.0+cu130", "2.14.1")
+    assert msg and "built against torch 2.13.0+cu130 but torch 2.14.1 is running" in msg
+    info = native.build_info()
+    assert info["native_ops"] and native.torch_mismatch(info["compiled_with_torch"], info["torch_version"]) is None

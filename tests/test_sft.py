@@ -1,4 +1,5 @@
-"""SFT trainer: loss decreases per stage, accumulation normalisation, resume, online teacher, torchrun."""
+"""SFT trainer: loss decreases per stage, accumulation normalisation, resume, online teacher, torchrun;
+typed --set values, skipped non-finite steps, resume with changed settings, the stage table."""
 
 from __future__ import annotations
 
@@ -210,3 +211,105 @@ def test_collated_stage2_metadata_gives_the_same_mask_as_recomputing(setup):
     assert lb.kind is not None and lb.step is not None
     fresh = replace(lb, kind=None, step=None)
     assert torch.equal(attention_mask_4d(model, lb, torch.float32), attention_mask_4d(model, fresh, torch.float32))
+
+
+def test_set_values_are_typed_by_the_config_field(tmp_path):
+    from monet.train.config import parse_overrides
+
+    got = parse_overrides(["lr=2e-5", "max_steps=10", "save_every=none", "data=a.json,b.json",
+                           "alignment_layers=[0, 3]", "freeze_vision=false", "max_grad_norm=1"])
+    assert got == {"lr": 2e-5, "max_steps": 10, "save_every": None, "data": ["a.json", "b.json"],
+                   "alignment_layers": [0, 3], "freeze_vision": False, "max_grad_norm": 1.0}
+    assert type(got["lr"]) is float and type(got["max_grad_norm"]) is float
+    for bad, message in (("lr=fast", "lr='fast' is not a number"), ("max_steps=2.5", "is not an integer"),
+                         ("freeze_vision=maybe", "is not a boolean"), ("learning_rate=1", "unknown setting"),
+                         ("lr", "must look like key=value")):
+        with pytest.raises(ValueError, match=message):
+            parse_overrides([bad])
+    (tmp_path / "c.yaml").write_text("stage: 1\nmodel: m\ndata: d.json\nlr: 1e-5\n")  # YAML reads 1e-5 as a string
+    assert SFTConfig.from_yaml(tmp_path / "c.yaml").lr == 1e-5
+    (tmp_path / "c.yaml").write_text("stage: 1\nmodel: m\ndata: d.json\nmax_steps: lots\n")
+    with pytest.raises(ValueError, match="max_steps='lots' is not an integer"):
+        SFTConfig.from_yaml(tmp_path / "c.yaml")
+    for field, value in (("max_steps", 0), ("max_steps", -3), ("save_every", 0), ("max_nonfinite_steps", 0),
+                         ("keep_last", 0), ("epochs", 0.0)):
+        with pytest.raises(ValueError, match=field):
+            SFTConfig(stage=1, model="m", data=["d"], **{field: value})
+
+
+def test_a_nonfinite_step_is_skipped_and_training_continues(setup, monkeypatch):
+    """Step 2's loss is NaN: its update is skipped (weights and optimizer state unchanged), the
+    run continues, the metrics row is strict JSON with null, and the summary counts the skip."""
+    import monet.train.sft as sft
+
+    root, data, ckpt = setup
+    cfg = config(root, data, ckpt, 1, "nanstep", max_steps=3)
+    tr = trainer_for(cfg)
+    real, calls = sft.micro_batch_losses, []
+
+    def poisoned(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            loss, parts = loss * float("nan"), {**parts, "ce_sum": float("nan")}
+        return loss, parts
+
+    monkeypatch.setattr(sft, "micro_batch_losses", poisoned)
+    snapshots = []
+    real_step = tr.train_step
+
+    def recording_step(micro):
+        out = real_step(micro)
+        snapshots.append({n: p.detach().clone() for n, p in tr.model.named_parameters()})
+        return out
+
+    tr.train_step = recording_step
+    summary = tr.train()
+    tr.close()
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 1
+    for n in snapshots[0]:
+        assert torch.equal(snapshots[1][n], snapshots[0][n]), n  # step 2 changed nothing
+    assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])  # step 3 trained
+    rows = [json.loads(x) for x in (root / "nanstep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["loss"] is None and rows[1]["skipped"] is True and "skipped" not in rows[2]
+    assert tr.nonfinite_streak == 0 and tr.nonfinite_total == 1
+
+
+def test_resume_with_changed_settings_warns_and_applies_them(setup):
+    root, data, ckpt = setup
+    first = config(root, data, ckpt, 1, "changed", max_steps=2, save_every=1)
+    run_sft(first, progress=False, printer=lambda _: None)
+    lines = []
+    second = replace(first, max_steps=3, lr=1e-3, log_every=1)
+    summary = run_sft(second, resume=True, progress=False, printer=lines.append)
+    text = "\n".join(lines)
+    assert "resuming" in text and "3 changed setting(s)" in text
+    assert "lr: 0.003 -> 0.001: takes effect" in text and "max_steps: 2 -> 3: takes effect" in text
+    rows = [json.loads(x) for x in (root / "changed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # no duplicate steps after the resume
+    assert rows[2]["lr"] == pytest.approx(1e-3, rel=0, abs=0) and rows[0]["lr"] == 3e-3
+    assert summary["steps"] == 3 and summary["metrics"]["lr"]["first"] == 3e-3  # covers the whole run
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-3 with changed latent_size \(2 -> 3"):
+        run_sft(replace(second, latent_size=3, max_steps=4), resume=True, progress=False, printer=lambda _: None)
+
+
+def test_stage_table_is_the_single_source(setup):
+    """The trainer, the precompute and the store read one table: stage 2 <- stage-1 layout,
+    observation reps; stage 3 <- stage-2 layout, latents."""
+    from monet.train import teacher_store
+    from monet.train.teacher_targets import TARGETS, for_precompute, for_stage
+
+    assert [(t.student_stage, t.teacher_stage, t.positions, t.store_kind, t.precompute) for t in TARGETS] == [
+        (2, 1, "observation", "observation_reps", "teacher-reps"), (3, 2, "latent", "latents", "teacher-latents")]
+    assert teacher_store.KINDS == ("observation_reps", "latents") and for_stage(1) is None
+    assert for_precompute("teacher-latents") is for_stage(3)
+    with pytest.raises(ValueError, match="unknown precompute target 'teacher-x'"):
+        for_precompute("teacher-x")
+    root, data, ckpt = setup
+    store = root / "table_reps"
+    c1 = config(root, data, ckpt, 1, "table1")
+    run_precompute(c1, "teacher-reps", store, dtype="float32", progress=False, printer=lambda _: None)
+    assert teacher_store.TeacherStore(store).kind == for_stage(2).store_kind
+    with pytest.raises(teacher_store.TeacherStoreError, match="holds 'observation_reps' states, this run needs 'latents'"):
+        trainer_for(config(root, data, ckpt, 3, "table3", teacher="store", teacher_store=str(store)))

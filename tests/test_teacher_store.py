@@ -4,6 +4,7 @@ errors naming the sample or file, verify()."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -214,3 +215,58 @@ def test_verify_catches_a_truncated_shard_and_flipped_bytes(tmp_path):
     assert len(report["errors"]) == 2 and str(last) in report["errors"][1] and "CRC32" in report["errors"][1]
     (tmp_path / "shard-00999.safetensors").write_bytes(b"")
     assert verify(tmp_path)["unindexed"] == ["shard-00999.safetensors"]
+
+
+def _flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, still parses: only the checksum notices
+    path.write_bytes(bytes(data))
+
+
+def test_reader_verifies_each_shard_checksum_on_first_open(tmp_path):
+    write(tmp_path, KEYS)
+    idx = index(tmp_path)
+    bad = idx["shards"][-1]
+    victim = next(k for k, e in idx["entries"].items() if e["shard"] == bad)
+    healthy = next(k for k, e in idx["entries"].items() if e["shard"] != bad)
+    _flip_last_byte(tmp_path / bad)
+    store = TeacherStore(tmp_path)
+    assert torch.equal(store.get(healthy), states(KEYS.index(healthy)).to(torch.bfloat16))
+    with pytest.raises(TeacherStoreError, match=rf"shard .*{bad} is corrupt: CRC32 .* \(reading {re.escape(repr(victim))}\)"
+                                                r".*rerun `monet precompute teacher-latents`"):
+        store.get(victim)
+    with pytest.raises(TeacherStoreError, match="CRC32"):
+        store.positions(victim)  # still refused: a failed shard is never marked verified
+    # opting out reads the bytes as they are (what verify(checksums=False) relies on)
+    assert TeacherStore(tmp_path, verify_checksums=False).get(victim).shape[0] == L
+
+
+def test_reopened_writer_drops_entries_of_a_corrupt_shard_and_rewrites_them(tmp_path):
+    write(tmp_path / "ref", KEYS)
+    root = tmp_path / "store"
+    write(root, KEYS)
+    idx = index(root)
+    bad = idx["shards"][0]
+    lost = sorted(k for k, e in idx["entries"].items() if e["shard"] == bad)
+    (root / idx["shards"][1]).unlink()  # a missing shard is repaired the same way
+    lost += sorted(k for k, e in idx["entries"].items() if e["shard"] == idx["shards"][1])
+    _flip_last_byte(root / bad)
+    w = writer(root)
+    assert set(w.repaired) == {bad, idx["shards"][1]} and "CRC32" in w.repaired[bad]
+    assert sorted(k for k in KEYS if k not in w) == sorted(lost) and not (root / bad).exists()
+    w.close()
+    assert sorted(TeacherStore(root).keys()) == sorted(set(KEYS) - set(lost))  # the index no longer lists them
+    write(root, KEYS)  # the rerun recomputes exactly the dropped entries
+    assert verify(root, checksums=True)["errors"] == []
+    a, b = TeacherStore(tmp_path / "ref"), TeacherStore(root)
+    for k in KEYS:
+        assert torch.equal(a.get(k), b.get(k)) and torch.equal(a.positions(k), b.positions(k))
+
+
+def test_busy_writer_lock_names_its_holder(tmp_path):
+    import os
+
+    w = writer(tmp_path)
+    with pytest.raises(TeacherStoreError, match=rf"another writer holds .*\.writer\.lock \(pid {os.getpid()} on "):
+        writer(tmp_path)
+    w.close()

@@ -55,6 +55,8 @@ def ablated_latent(ab: LatentAblation, z: torch.Tensor, index: int, start_embedd
     if ab.mode == "start":
         return start_embedding.to(z.dtype)
     if ab.mode in ("noise", "perturb"):
+        if generator is None:  # never the global RNG: results must not depend on unrelated draws
+            raise ValueError(f"latent ablation {ab.mode!r} needs its seeded generator")
         g = torch.randn(z.shape, generator=generator, dtype=torch.float32, device="cpu").to(z.device)
         if ab.mode == "perturb":
             return (z.float() + ab.scale * g).to(z.dtype)

@@ -13,12 +13,24 @@ import torch
 def _load():
     """Import monet._C (registers torch.ops.monet.*) and the autograd formulas below.
     Returns the module, or None with a reason."""
+    rebuild = "rebuild it with `pip install -e . --no-build-isolation` (or `make setup`)"
     try:
         from monet import _C  # noqa: F401  (import registers the TORCH_LIBRARY ops)
-    except ImportError as e:  # not built, or built against another torch
-        return None, f"{type(e).__name__}: {e}"
+    except ImportError as e:  # not built, or built against another torch (undefined symbols)
+        return None, f"{type(e).__name__}: {e}; if torch changed since the build, {rebuild}"
+    mismatch = torch_mismatch(str(_C.build_info().get("torch_version", "")), torch.__version__)
+    if mismatch:  # an extension loaded into another torch than its own can misbehave silently: refuse it
+        return None, f"{mismatch}; {rebuild}"
     _register_autograd()
     return _C, None
+
+
+def torch_mismatch(built: str, running: str) -> str | None:
+    """Why an extension compiled against torch ``built`` must not run under torch ``running``
+    (release versions differ), or None."""
+    if built.split("+")[0] != running.split("+")[0]:
+        return f"monet._C was built against torch {built} but torch {running} is running"
+    return None
 
 
 # ------------------------------------------------------------------ autograd of the native ops

@@ -1,16 +1,30 @@
-"""Atomic training checkpoints with resume.
+"""Atomic training checkpoints with resume; nothing in a checkpoint is ever unpickled.
 
-Layout: ``OUTPUT/checkpoint-STEP/`` holding the model (``save_pretrained``, with
-``monet_config.json``), the processor, ``trainer_state.pt`` (optimizer, scheduler, RNG states, data
-position, step) and ``sft_config.yaml``; ``OUTPUT/latest`` names the newest complete checkpoint.
-Each checkpoint is written into a temporary folder and renamed into place, and ``latest`` is
-replaced atomically, so a crash never leaves a half-written checkpoint that resume would pick.
+Layout: ``OUTPUT/checkpoint-STEP/`` holding the model (``save_pretrained``: safetensors weights and
+``monet_config.json``), the processor, the trainer state (optimizer, scheduler, RNG states, data
+position, step) as ``trainer_state.json`` + ``trainer_state.safetensors``, and ``sft_config.yaml``;
+``OUTPUT/latest`` names the newest complete checkpoint.
+
+Trainer-state format: the state is a tree of dicts, lists, tuples, numbers, strings, tensors and
+numpy arrays. Tensors go to the safetensors file under generated names; everything else is JSON,
+with tagged objects for what JSON cannot say (``{"$tensor": name}``, ``{"$tuple": [...]}``,
+``{"$ndarray": [...], "dtype": ...}``, ``{"$items": [[key, value], ...]}`` for dicts with
+non-string keys, ``{"$float": "nan"}``). Reading it runs ``json.loads`` and safetensors only, so a
+checkpoint from an untrusted source cannot execute code; a pickled ``trainer_state.pt`` (the
+format of earlier versions) is refused, never loaded.
+
+Crash safety: each checkpoint is written into a temporary folder and renamed into place, and
+``latest`` is replaced atomically after that, so a crash never leaves a half-written checkpoint
+that resume would pick; :func:`remove_stale_temporaries` deletes the folders a killed writer left.
+Retention (``keep_last``) never deletes the checkpoint just written.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,13 +33,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from monet.atomic import atomic_write_text
+from monet.atomic import atomic_write_text, disk_full_error, is_disk_full
 
 LATEST = "latest"
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "sft_config.yaml"
+STATE_FORMAT = "monet-trainer-state"
+STATE_VERSION = 1
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_NDARRAY_DTYPES = ("uint8", "uint32", "int32", "int64", "float32", "float64", "bool")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, unsafe to load, or cannot be written."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The model holds NaN/inf weights; such a checkpoint is never written."""
+
+
+# -- RNG ---------------------------------------------------------------------------------------
 def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states, as storable containers."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -38,6 +69,139 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- trainer-state encoding -------------------------------------------------------------------
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"$tensor": name}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.name not in _NDARRAY_DTYPES:
+            raise TypeError(f"trainer state {where}: numpy dtype {obj.dtype} is not storable")
+        return {"$ndarray": obj.tolist(), "dtype": obj.dtype.name}
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return x if np.isfinite(x) else {"$float": repr(x)}
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(x, tensors, f"{where}[{i}]") for i, x in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(x, tensors, f"{where}[{i}]") for i, x in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"$items": [[_encode(k, tensors, f"{where}<key>"), _encode(v, tensors, f"{where}[{k!r}]")]
+                           for k, v in obj.items()]}
+    raise TypeError(f"trainer state {where}: cannot store a {type(obj).__name__} (only tensors, numpy arrays, "
+                    "numbers, strings, None and lists/tuples/dicts of them)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(obj, list):
+        return [_decode(x, tensors, where) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "$tensor" in obj:
+        name = obj["$tensor"]
+        if name not in tensors:
+            raise CheckpointError(f"{where}: names tensor {name!r}, which {STATE_TENSORS} does not hold")
+        return tensors[name]
+    if "$tuple" in obj:
+        return tuple(_decode(x, tensors, where) for x in obj["$tuple"])
+    if "$ndarray" in obj:
+        if obj.get("dtype") not in _NDARRAY_DTYPES:
+            raise CheckpointError(f"{where}: numpy dtype {obj.get('dtype')!r} is not allowed")
+        return np.asarray(obj["$ndarray"], dtype=obj["dtype"])
+    if "$float" in obj:
+        if obj["$float"] not in ("nan", "inf", "-inf"):
+            raise CheckpointError(f"{where}: bad float {obj['$float']!r}")
+        return float(obj["$float"])
+    if "$items" in obj:
+        return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["$items"]}
+    return {k: _decode(v, tensors, where) for k, v in obj.items()}
+
+
+def write_trainer_state(folder: str | os.PathLike, state: dict) -> None:
+    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.safetensors`` into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors, "state")
+    save_file(tensors, str(folder / STATE_TENSORS))
+    # the JSON is written last: its presence marks a complete state
+    (folder / STATE_FILE).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, "state": tree}))
+
+
+def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
+    """Read the trainer state of ``checkpoint`` (JSON + safetensors; no unpickling, ever)."""
+    ckpt = Path(checkpoint)
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        if (ckpt / LEGACY_STATE_FILE).exists():
+            raise CheckpointError(
+                f"{ckpt} holds {LEGACY_STATE_FILE}, a pickle (the trainer-state format of earlier monet versions, or "
+                "a planted file); unpickling can execute arbitrary code, so it is refused. Start a new run from its "
+                f"weights instead (--set model={ckpt}) or resume from a checkpoint written by this version")
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint (no {STATE_FILE})")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT or "state" not in doc:
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{path} is not a monet trainer state (format {fmt!r})")
+    if int(doc.get("version", 0)) > STATE_VERSION:
+        raise CheckpointError(f"{path} has trainer-state version {doc['version']}; this monet reads up to "
+                              f"{STATE_VERSION} (upgrade monet)")
+    from safetensors.torch import load_file
+
+    tpath = ckpt / STATE_TENSORS
+    try:
+        tensors = load_file(str(tpath)) if tpath.is_file() else {}
+    except Exception as e:
+        raise CheckpointError(f"{tpath} is unreadable ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+    return _decode(doc["state"], tensors, str(path))
+
+
+def load_checkpoint_config(checkpoint: str | os.PathLike) -> dict | None:
+    """The settings the checkpoint was trained with (``sft_config.yaml``, safe YAML), or None."""
+    import yaml
+
+    path = Path(checkpoint) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    raw = yaml.safe_load(path.read_text())
+    return raw if isinstance(raw, dict) else None
+
+
+# -- weights check -----------------------------------------------------------------------------
+def check_finite_weights(model: Any) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the first parameter holding NaN/inf."""
+    for name, p in model.named_parameters():
+        if p.numel() and not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteWeightsError(f"parameter {name} holds NaN/inf values; refusing to write a checkpoint "
+                                        "with non-finite weights")
+
+
+# -- folders -----------------------------------------------------------------------------------
+def checkpoint_step(path: Path) -> int | None:
+    m = _CKPT_RE.match(path.name)
+    return int(m.group(1)) if m and path.is_dir() else None
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-STEP`` folders of ``output_dir``, by step."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(s, p) for p in out.iterdir() if (s := checkpoint_step(p)) is not None]
+    return [p for _, p in sorted(found)]
 
 
 def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -46,35 +210,59 @@ def staging_dir(output_dir: str | os.PathLike, step: int) -> Path:
     return Path(output_dir) / f".checkpoint-{step}.staging"
 
 
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the ``.checkpoint-*.tmp-*`` / ``.checkpoint-*.staging`` folders a killed writer left
+    (call only while holding the run lock). Returns their names."""
+    out = Path(output_dir)
+    gone = []
+    for p in sorted(out.glob(".checkpoint-*")):
+        if p.is_dir() and (".tmp-" in p.name or p.name.endswith(".staging")):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
                     trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None,
                     staged: Path | None = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and point ``latest`` at it. Returns its path.
 
-    ``staged``: a folder (see :func:`staging_dir`) that already holds parts written by other
-    writers; it is completed and renamed instead of a fresh temporary folder."""
+    Refuses (:class:`NonFiniteWeightsError`) when a weight is NaN/inf. ``staged``: a folder (see
+    :func:`staging_dir`) that already holds parts written by other writers; it is completed and
+    renamed instead of a fresh temporary folder. ``keep_last``: afterwards keep this checkpoint and
+    the ``keep_last - 1`` newest ones before it; checkpoints with a higher step (left by a run that
+    was resumed from an earlier checkpoint) are deleted too. A full disk raises
+    :class:`monet.atomic.DiskFullError` naming the folder; the previous checkpoint stays intact.
+    """
+    check_finite_weights(model)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     final = out / f"checkpoint-{step}"
-    tmp = staged if staged is not None else Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
+    tmp = staged
     try:
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
-        torch.save(trainer_state, tmp / STATE_FILE)
         if config_yaml is not None:
-            (tmp / "sft_config.yaml").write_text(config_yaml)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+        write_trainer_state(tmp, trainer_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_text(out / LATEST, final.name + "\n")
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(e, final, f"checkpoint step {step}") from e
         raise
-    atomic_write_text(out / LATEST, final.name + "\n")
     if keep_last:
-        ckpts = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                       key=lambda p: int(p.name.split("-")[-1]))
-        for old in ckpts[:-keep_last]:
+        others = [p for p in list_checkpoints(out) if p != final]
+        older = [p for p in others if checkpoint_step(p) < step]
+        doomed = [p for p in others if checkpoint_step(p) > step] + older[:max(0, len(older) - (keep_last - 1))]
+        for old in doomed:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -85,13 +273,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     ckpt = Path(output_dir) / pointer.read_text().strip()
-    if not (ckpt / STATE_FILE).is_file():
+    if not (ckpt / STATE_FILE).is_file() and not (ckpt / LEGACY_STATE_FILE).exists():
         raise FileNotFoundError(f"{pointer} names {ckpt}, which is not a complete checkpoint (no {STATE_FILE})")
-    return ckpt
-
-
-def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
-    path = Path(checkpoint) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no {STATE_FILE})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt  # a pickled legacy state is refused, with its own message, by load_trainer_state

@@ -1,9 +1,17 @@
-"""SFT configuration: one dataclass, loadable from YAML and overridable from the command line."""
+"""SFT configuration: one dataclass, loadable from YAML and overridable from the command line.
+
+Values are typed by the dataclass field, not guessed: ``--set lr=2e-5`` is the float 2e-05 (YAML
+alone would read ``2e-5`` as a string), ``--set max_steps=none`` is None, ``--set data=a.json,b.json``
+is a list. A value that does not fit its field's type is an error naming the field.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,9 @@ class SFTConfig:
     micro_batch_size: int = 1
     grad_accum: int = 16
     max_grad_norm: float | None = 1.0
+    # a step whose loss or gradient is NaN/inf is skipped (weights and optimizer state unchanged);
+    # this many skipped steps in a row stop the run with an error
+    max_nonfinite_steps: int = 5
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
     # latent pass backward (monet.model.training): "nested" (lower peak memory), "joint" (one autograd
@@ -91,9 +102,17 @@ class SFTConfig:
                              "once per step); use 'joint' or 'auto'")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        for name in ("micro_batch_size", "grad_accum", "latent_size"):
+        for name in ("micro_batch_size", "grad_accum", "latent_size", "max_nonfinite_steps", "log_every",
+                     "ce_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_every", "keep_last"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     @property
     def latent_backward_mode(self) -> str:
@@ -119,6 +138,8 @@ class SFTConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path}: unknown settings {unknown}")
+        hints = _field_types()
+        raw = {k: coerce_value(k, v, hints[k], source=str(path)) for k, v in raw.items()}
         base = path.parent
         for key in ("model", "image_root", "output_dir", "teacher_store", "teacher_model", "cache_dir", "deepspeed"):
             if raw.get(key):
@@ -136,12 +157,101 @@ def _relative_to(base: Path, p: str) -> str:
     return str(q if q.is_absolute() else (base / q))
 
 
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(SFTConfig)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _text_to(name: str, text: str, tp: Any, source: str) -> Any:
+    """Parse the command-line text ``text`` as field type ``tp``."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{source}: {name}={text!r} is not {what}")
+
+    if _is_union(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and text.strip().lower() in ("none", "null", "~", ""):
+            return None
+        return _text_to(name, text, args[0], source)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("true", "yes", "on", "1"):
+            return True
+        if low in ("false", "no", "off", "0"):
+            return False
+        raise bad("a boolean (true/false)")
+    if tp is int:
+        try:
+            return int(text.strip())
+        except ValueError:
+            raise bad("an integer") from None
+    if tp is float:
+        try:
+            x = float(text.strip())
+        except ValueError:
+            raise bad("a number") from None
+        if not math.isfinite(x):
+            raise bad("a finite number")
+        return x
+    if tp is str:
+        return text
+    if origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        stripped = text.strip()
+        if stripped.startswith("["):
+            parsed = yaml.safe_load(stripped)
+            if not isinstance(parsed, list):
+                raise bad("a list")
+            return [coerce_value(name, v, item, source=source) for v in parsed]
+        return [_text_to(name, part.strip(), item, source) for part in stripped.split(",") if part.strip()]
+    if origin is dict or tp is dict:
+        parsed = yaml.safe_load(text)
+        if not isinstance(parsed, dict):
+            raise bad("a mapping")
+        return parsed
+    raise bad(f"of a settable type ({tp})")
+
+
+def coerce_value(name: str, value: Any, tp: Any, *, source: str = "config") -> Any:
+    """``value`` as field type ``tp``: text (``--set``, or YAML scalars such as ``1e-5`` that YAML
+    reads as strings) is parsed by the type; other values are checked against it."""
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if _is_union(tp) else tp
+    origin = typing.get_origin(base) or base
+    if origin is list and isinstance(value, str):
+        return [value]  # one YAML path, not a comma-separated --set text
+    if isinstance(value, str) and tp is not str and not (_is_union(tp) and str in typing.get_args(tp)):
+        return _text_to(name, value, tp, source)
+    if value is None:
+        if _is_union(tp) and type(None) in typing.get_args(tp):
+            return None
+        raise ValueError(f"{source}: {name} cannot be null")
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, bool) and (type(value) is not origin):
+        raise ValueError(f"{source}: {name}={value!r} is not {'an integer' if origin is int else 'a boolean'}")
+    if origin in (list, dict, str) and not isinstance(value, origin):
+        raise ValueError(f"{source}: {name}={value!r} is not a {origin.__name__}")
+    if origin is list:
+        (item,) = typing.get_args(base) or (Any,)
+        if item is not Any:
+            return [coerce_value(name, v, item, source=source) for v in value]
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=2e-5", "max_steps=10"]`` -> typed dict (values parsed as YAML scalars)."""
+    """``["lr=2e-5", "max_steps=10"]`` -> ``{"lr": 2e-05, "max_steps": 10}``: each value parsed by
+    the type of its :class:`SFTConfig` field (unknown keys and ill-typed values are errors)."""
+    hints = _field_types()
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ValueError(f"--set {item!r} must look like key=value")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        k = k.strip()
+        if k not in hints:
+            raise ValueError(f"--set {item!r}: unknown setting {k!r} (see monet.train.config.SFTConfig)")
+        out[k] = _text_to(k, v, hints[k], "--set")
     return out

@@ -1,17 +1,36 @@
-"""Training metrics: JSONL file, console table every N steps, optional TensorBoard / W&B."""
+"""Training metrics: JSONL file, console table every N steps, optional TensorBoard / W&B.
+
+``metrics.jsonl`` is strict JSON (``json.dumps(allow_nan=False)``): a NaN/inf value is written as
+``null``. After a resume, :meth:`MetricsLogger.resume_at` drops the rows past the checkpoint's
+step (they are trained again) so each step appears once, and reloads the kept rows so the summary
+covers the whole run.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from monet.atomic import atomic_write_text, disk_full_error, is_disk_full
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with NaN/inf floats replaced by None (JSON ``null``)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
 
 class MetricsLogger:
     """``log(step, metrics)`` appends one JSON line per call to ``OUTPUT/metrics.jsonl`` and prints
-    a table row every ``every`` steps (rank 0 only). ``summary()`` gives first/last/mean values."""
+    a table row every ``every`` steps (rank 0 only). ``summary()`` gives first/last/mean of the
+    finite values of each metric."""
 
     def __init__(self, output_dir: str | os.PathLike, *, every: int = 10, enabled: bool = True,
                  tensorboard: bool = False, wandb_project: str | None = None, run_config: dict | None = None,
@@ -39,16 +58,52 @@ class MetricsLogger:
                     raise ImportError("wandb_project is set but wandb is not installed (pip install wandb)") from None
                 self._wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=run_config or {})
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def resume_at(self, step: int) -> int:
+        """Continue a run resumed at ``step``: keep the rows of steps ``<= step`` (the file is
+        rewritten atomically; a torn last line from a crash is dropped), load them into the
+        history and continue ``time_s`` from the last kept row. Returns the rows dropped."""
+        kept: list[dict[str, Any]] = []
+        dropped = 0
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    kept.append(row)
+                else:
+                    dropped += 1
+        self.history = kept
+        if kept and _finite_number(kept[-1].get("time_s")):
+            self._t0 = time.perf_counter() - kept[-1]["time_s"]
+        if self.enabled and (dropped or self.path.is_file()):
+            text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in map(strict_json_row, kept))
+            try:
+                atomic_write_text(self.path, text)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full_error(e, self.path, "training metrics") from e
+                raise
+        return dropped
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, "time_s": round(time.perf_counter() - self._t0, 3), **metrics}
         self.history.append(row)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(strict_json_row(row), allow_nan=False) + "\n")
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(e, self.path, "training metrics") from e
+            raise
         if self._tb is not None:
             for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+                if _finite_number(v):
+                    self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(dict(metrics), step=step)
         if step % self.every == 0 or step == 1:
@@ -62,10 +117,13 @@ class MetricsLogger:
         self.printer("  ".join(_fmt(row.get(c)).rjust(12) for c in self._columns))
 
     def summary(self) -> dict[str, dict[str, float]]:
-        keys = [k for k in (self.history[0] if self.history else {}) if k not in ("step", "time_s")]
+        """``{metric: {first, last, mean}}`` over the finite numeric values of each metric."""
+        keys: list[str] = []
+        for r in self.history:
+            keys += [k for k in r if k not in ("step", "time_s") and k not in keys]
         out = {}
         for k in keys:
-            vals = [r[k] for r in self.history if isinstance(r.get(k), (int, float))]
+            vals = [r[k] for r in self.history if _finite_number(r.get(k))]
             if vals:
                 out[k] = {"first": vals[0], "last": vals[-1], "mean": sum(vals) / len(vals)}
         return out

@@ -10,11 +10,13 @@ from typing import Any, Callable
 
 import torch
 
+from monet.atomic import atomic_write_text
 from monet.data.image_budget import ImageBudget, stage_budget
 from monet.data.preprocess_cache import PreprocessedDataset, preprocess_dataset
 from monet.data.sft_loader import load_sft_dataset
 from monet.train.config import SFTConfig
 from monet.train.distributed import barrier, init_distributed
+from monet.train.teacher_targets import for_precompute, for_stage
 
 
 def stage_image_budget(stage: int, total: int | None, per_image: int | None) -> ImageBudget:
@@ -41,14 +43,35 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def run_sft(cfg: SFTConfig, *, resume: bool = False, device: str | torch.device | None = None,
-            progress: bool = True, printer: Callable[[str], None] = print) -> dict:
-    """Train one stage from ``cfg``; writes checkpoints and ``summary.json`` under ``output_dir``."""
-    from monet.model.loading import load_model
-    from monet.train.sft import TEACHER_LAYOUT, SFTTrainer
+def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
+            device: str | torch.device | None = None, progress: bool = True,
+            printer: Callable[[str], None] = print) -> dict:
+    """Train one stage from ``cfg``; writes checkpoints and ``summary.json`` under ``output_dir``.
+
+    The run owns ``output_dir`` (:class:`monet.train.run_dir.RunDirectory`): a directory holding an
+    earlier run needs ``resume`` (continue it) or ``overwrite`` (delete it first); a second run on
+    the same directory is refused while this one lives."""
+    from monet.train.run_dir import RunDirectory
 
     dev = _device(device)
     dist_info = init_distributed(dev)
+    # rank 0 takes the directory before anything is written into it (the cache included)
+    run_dir = RunDirectory(cfg.output_dir, resume=resume, overwrite=overwrite) if dist_info.is_main else None
+    try:
+        if run_dir is not None and run_dir.removed_temporaries:
+            printer("removed unfinished checkpoint folders of an interrupted run: "
+                    + ", ".join(run_dir.removed_temporaries))
+        return _train(cfg, run_dir, resume, dev, dist_info, progress, printer)
+    finally:
+        if run_dir is not None:
+            run_dir.release()
+
+
+def _train(cfg: SFTConfig, run_dir: Any, resume: bool, dev: torch.device, dist_info: Any, progress: bool,
+           printer: Callable[[str], None]) -> dict:
+    from monet.model.loading import load_model
+    from monet.train.sft import SFTTrainer
+
     model, processor = load_model(cfg.model, dtype="float32", device=dev, attn_implementation=cfg.attn_implementation,
                                   latent_size=cfg.latent_size)
 
@@ -58,7 +81,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, device: str | torch.device 
         ex = load_stage_dataset(cfg, processor, cfg.stage, printer=quiet, samples_and_report=loaded)
         tex = None
         if cfg.stage > 1 and cfg.teacher == "online":
-            tex = load_stage_dataset(cfg, processor, TEACHER_LAYOUT[cfg.stage], printer=lambda _: None,
+            tex = load_stage_dataset(cfg, processor, for_stage(cfg.stage).teacher_stage, printer=lambda _: None,
                                      samples_and_report=loaded)
         return ex, tex
 
@@ -69,13 +92,14 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, device: str | torch.device 
     if not dist_info.is_main:
         examples, teacher_examples = data()
     trainer = SFTTrainer(cfg, model, processor, examples, teacher_examples=teacher_examples, device=dev,
-                         progress=progress, printer=printer)
+                         progress=progress, printer=printer, run_dir=run_dir)
     try:
         if resume:
             trainer.resume()
         summary = trainer.train()
         if trainer.dist.is_main:
-            Path(cfg.output_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            atomic_write_text(Path(cfg.output_dir, "summary.json"),
+                              json.dumps(summary, indent=2, default=str, allow_nan=False) + "\n")
     finally:
         trainer.close()
     return summary
@@ -87,17 +111,17 @@ def run_precompute(cfg: SFTConfig, what: str, store: str | os.PathLike, *, layer
     """Run the frozen teacher ``cfg.model`` over ``cfg.data`` in the teacher's layout (stage 1
     for ``teacher-reps``, stage 2 for ``teacher-latents``) and fill ``store``."""
     from monet.model.loading import load_model
-    from monet.train.precompute import KINDS, precompute_teacher_states
+    from monet.train.precompute import precompute_teacher_states
 
-    if what not in KINDS:
-        raise ValueError(f"unknown precompute target {what!r}; expected one of {sorted(KINDS)}")
-    dev = _device(device)
-    model, processor = load_model(cfg.model, dtype="float32", device=dev, attn_implementation=cfg.attn_implementation,
-                                  latent_size=cfg.latent_size)
-    stage = KINDS[what][2]
-    examples = load_stage_dataset(cfg, processor, stage, printer=printer)
+    target = for_precompute(what)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"store dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    dev = _device(device)
+    model, processor = load_model(cfg.model, dtype="float32", device=dev, attn_implementation=cfg.attn_implementation,
+                                  latent_size=cfg.latent_size)
+    examples = load_stage_dataset(cfg, processor, target.teacher_stage, printer=printer)
     return precompute_teacher_states(model, processor, examples, store, what=what, layers=layers, dtype=torch_dtype,
                                      batch_size=batch_size, progress=progress, printer=printer)

@@ -12,6 +12,14 @@ weighted CE (fp32, chunked), and the stage's alignment term:
 
 Gradient accumulation normalises CE by the weight sum of the whole optimizer step (all
 micro-batches, all ranks), so the loss does not depend on how a global batch is split.
+
+Failure behaviour: a step whose loss or gradient is NaN/inf is skipped (weights and optimizer
+moments unchanged; the step number and the LR schedule advance; a warning counts it) and
+``max_nonfinite_steps`` skipped steps in a row stop the run with :class:`NonFiniteLossError`; with
+DeepSpeed, which applies the update itself, the first non-finite loss stops the run before its
+backward pass. A checkpoint is never written with non-finite weights. Resuming with changed
+settings prints which changed and whether they take effect; settings the checkpoint cannot
+follow (stage, latent_size, freeze_vision, the DeepSpeed config) are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +37,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from monet.data.alignment import aligned_counts, aligned_positions, example_key
 from monet.data.collate import StageBatch, StageCollator
 from monet.model.training import latent_forward
 from monet.train.checkpoint import (
+    CheckpointError,
+    check_finite_weights,
     latest_checkpoint,
+    load_checkpoint_config,
     load_trainer_state,
     rng_state,
     save_checkpoint,
@@ -42,30 +55,29 @@ from monet.train.config import SFTConfig
 from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
 from monet.train.metrics import MetricsLogger
+from monet.train.run_dir import RunDirectory
+from monet.train.teacher_targets import for_stage
 
-#: Which positions each stage aligns, and the teacher-store kind it reads.
-ALIGN_POSITIONS = {2: "observation", 3: "latent"}
-STORE_KIND = {2: "observation_reps", 3: "latents"}
-#: The layout the online teacher runs for each student stage.
-TEACHER_LAYOUT = {2: 1, 3: 2}
-
-
-def example_key(examples: Any, i: int) -> str:
-    """Key of example ``i`` without loading its pixels when the dataset can avoid it."""
-    if hasattr(examples, "example"):
-        return examples.example(i, with_pixels=False).key
-    return examples[i].key
-
-
-def aligned_positions(batch: StageBatch, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(batch_index, position)`` of the observation or latent positions, row-major."""
-    mask = batch.observation_mask if which == "observation" else batch.latent_mask
-    return mask.nonzero(as_tuple=True)
+#: Settings a checkpoint cannot follow when they change on resume (the run is refused).
+RESUME_INCOMPATIBLE = {"stage": "the stage layout of the data and the loss", "latent_size": "the span layout",
+                       "freeze_vision": "the set of trained parameters (optimizer state)",
+                       "deepspeed": "the checkpoint layout (DeepSpeed optimizer shards vs. trainer state)"}
+#: Settings whose new value is ignored on resume, with the reason.
+RESUME_IGNORED = {"model": "the weights come from the checkpoint"}
+#: Settings that take effect but change the sample order from the checkpoint's data position on.
+RESUME_DATA_ORDER = ("data", "image_root", "seed", "micro_batch_size", "max_image_tokens_total",
+                     "max_image_tokens_per_image")
 
 
-def aligned_counts(batch: StageBatch, which: str) -> list[int]:
-    mask = batch.observation_mask if which == "observation" else batch.latent_mask
-    return mask.sum(1).tolist()
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/inf loss or gradient."""
+
+
+def resume_changes(saved: dict, cfg: SFTConfig) -> list[tuple[str, Any, Any]]:
+    """``(field, checkpoint value, current value)`` for each setting that differs from the
+    checkpoint's ``sft_config.yaml`` (``output_dir`` excluded: a run directory may be moved)."""
+    now = dataclasses.asdict(cfg)
+    return [(k, saved.get(k), v) for k, v in now.items() if k != "output_dir" and k in saved and saved[k] != v]
 
 
 @dataclass
@@ -76,6 +88,7 @@ class StepLosses:
     grad_norm: float | None
     lr: float
     tokens: int
+    skipped: bool = False
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -92,12 +105,15 @@ class TeacherSource:
     def __init__(self, cfg: SFTConfig, layers: list[int] | None, device: torch.device,
                  online_examples: Any = None, processor: Any = None):
         self.cfg, self.layers, self.device = cfg, layers, device
-        self.which = ALIGN_POSITIONS[cfg.stage]
+        self.target = for_stage(cfg.stage)
+        if self.target is None:
+            raise ValueError(f"stage {cfg.stage} has no teacher")
+        self.which = self.target.positions
         self.store = self.model = None
         if cfg.teacher == "store":
             from monet.train.teacher_store import TeacherStore
 
-            self.store = TeacherStore(cfg.teacher_store, kind=STORE_KIND[cfg.stage])
+            self.store = TeacherStore(cfg.teacher_store, kind=self.target.store_kind)
         elif cfg.teacher == "online":
             from monet.model.loading import load_model
 
@@ -118,7 +134,7 @@ class TeacherSource:
             parts = [self.store.get(k, layers=self.layers, expected_positions=n, dtype=torch.float32)
                      for k, n in zip(batch.keys, counts)]
             return torch.cat(parts, dim=1).to(self.device)
-        tstage = TEACHER_LAYOUT[self.cfg.stage]
+        tstage = self.target.teacher_stage
         missing = [k for k in batch.keys if k not in self.index]
         if missing:
             raise KeyError(f"online teacher has no stage-{tstage} layout for samples {missing}")
@@ -140,7 +156,8 @@ def micro_batch_losses(model: Any, batch: StageBatch, cfg: SFTConfig, teacher: T
     the whole optimizer step (``ce_weight_total``, all ranks) and the alignment mean by the number
     of micro-batches times ranks.
     """
-    which = ALIGN_POSITIONS.get(cfg.stage)
+    target = for_stage(cfg.stage)
+    which = target.positions if target is not None else None
     use_align = which is not None and teacher is not None and cfg.alignment_weight > 0
     capture = aligned_positions(batch, which) if use_align else None
     out = latent_forward(model, batch.to_latent_batch(), capture=capture, capture_layers=cfg.alignment_layers,
@@ -187,11 +204,16 @@ class SFTTrainer:
     """Runs one SFT stage. ``examples``: a map-style dataset of
     :class:`monet.data.stage_layout.StageExample` (e.g. :class:`monet.data.preprocess_cache.PreprocessedDataset`)
     in the stage layout; ``teacher_examples`` (online teacher) the same samples in the teacher's
-    layout, with a ``keys`` list."""
+    layout, with a ``keys`` list.
+
+    ``run_dir``: the :class:`RunDirectory` the caller already holds for ``cfg.output_dir``; when
+    None, rank 0 takes it here with ``resume`` / ``overwrite`` (see :mod:`monet.train.run_dir`).
+    """
 
     def __init__(self, cfg: SFTConfig, model: Any, processor: Any, examples: Sequence[Any], *,
                  teacher_examples: Any = None, device: torch.device | str = "cpu",
-                 progress: bool = True, printer: Callable[[str], None] = print):
+                 progress: bool = True, printer: Callable[[str], None] = print,
+                 run_dir: RunDirectory | None = None, resume: bool = False, overwrite: bool = False):
         self.cfg, self.model, self.processor = cfg, model, processor
         self.examples = examples
         if len(examples) == 0:
@@ -199,6 +221,18 @@ class SFTTrainer:
         self.device = torch.device(device)
         self.dist = init_distributed(self.device)
         self.progress, self.printer = progress and self.dist.is_main, printer
+        self._own_run_dir = None
+        if run_dir is None and self.dist.is_main:
+            run_dir = self._own_run_dir = RunDirectory(cfg.output_dir, resume=resume, overwrite=overwrite)
+        try:
+            self._setup(teacher_examples)
+        except BaseException:
+            if self._own_run_dir is not None:
+                self._own_run_dir.release()
+            raise
+
+    def _setup(self, teacher_examples: Any) -> None:
+        cfg, model, processor, examples = self.cfg, self.model, self.processor, self.examples
         if cfg.freeze_vision:
             model.model.visual.requires_grad_(False)
         if cfg.gradient_checkpointing:
@@ -228,17 +262,24 @@ class SFTTrainer:
                                      f"training samples (e.g. {missing[:3]}); run `monet precompute` on the same data")
         self.collate = StageCollator(processor, ce_emphasize_factor=cfg.ce_factor)
         self.step, self.epoch, self.micro_index = 0, 0, 0
+        self.nonfinite_streak = self.nonfinite_total = 0
+        self.resumed_from: Path | None = None
         self.metrics = MetricsLogger(cfg.output_dir, every=cfg.log_every, enabled=self.dist.is_main,
                                      tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                                     run_config=dataclasses.asdict(cfg), printer=printer)
+                                     run_config=dataclasses.asdict(cfg), printer=self.printer)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "world_size": self.dist.world_size}
+                "rng": rng_state(), "world_size": self.dist.world_size,
+                "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total}
 
     def save(self) -> Path | None:
+        """Write ``checkpoint-STEP`` (collective). Refuses non-finite weights on every rank
+        before anything is written."""
+        with self._full_weights():
+            check_finite_weights(self.model)
         path, staged, state = None, None, self.state_dict()
         if self.engine is not None:  # collective: every rank writes its optimizer shard
             staged = staging_dir(self.cfg.output_dir, self.step)
@@ -255,33 +296,87 @@ class SFTTrainer:
     def _full_weights(self):
         """Gather ZeRO-3 partitioned parameters for saving (a no-op otherwise)."""
         if self.engine is not None and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
-            import deepspeed
+            from monet.train.deepspeed_engine import import_deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+            return import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
         return nullcontext()
+
+    def _check_resume_settings(self, ckpt: Path) -> None:
+        """Compare the settings with the checkpoint's; refuse incompatible changes, print the rest."""
+        saved = load_checkpoint_config(ckpt)
+        if saved is None:
+            return
+        changes = resume_changes(saved, self.cfg)
+        bad = [(k, a, b) for k, a, b in changes if k in RESUME_INCOMPATIBLE]
+        if bad:
+            raise ValueError(f"cannot resume {ckpt} with changed " + "; ".join(
+                f"{k} ({a!r} -> {b!r}: {RESUME_INCOMPATIBLE[k]})" for k, a, b in bad)
+                + "; start a new run (--overwrite or another output_dir) with --set model=" + str(ckpt))
+        if not changes or not self.dist.is_main:
+            return
+        lines = [f"warning: resuming {ckpt} with {len(changes)} changed setting(s):"]
+        for k, a, b in changes:
+            if k in RESUME_IGNORED:
+                effect = f"ignored ({RESUME_IGNORED[k]})"
+            elif k in RESUME_DATA_ORDER:
+                effect = "takes effect (the sample order differs from an uninterrupted run from here on)"
+            else:
+                effect = "takes effect"
+            lines.append(f"  {k}: {a!r} -> {b!r}: {effect}")
+        self.printer("\n".join(lines))
+
+    def _apply_optimizer_settings(self) -> None:
+        """After loading optimizer/scheduler state: the current config's lr (also the schedule's
+        base) and weight decay take effect; the LR is recomputed for the restored step."""
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = self.cfg.lr
+            g["weight_decay"] = self.cfg.weight_decay
+        self.scheduler.base_lrs = [self.cfg.lr] * len(self.optimizer.param_groups)
+        factor = lr_lambda(self.cfg, self.total_steps)(self.scheduler.last_epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def resume(self, checkpoint: str | Path | None = None) -> bool:
         """Restore weights, optimizer, scheduler, RNG and data position from ``checkpoint`` (default:
-        the latest in ``output_dir``). Returns False when there is nothing to resume."""
+        the latest in ``output_dir``). Returns False when there is nothing to resume (then the
+        run starts over and ``metrics.jsonl`` is cleared). ``metrics.jsonl`` keeps the rows up to
+        the checkpoint's step."""
         ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(self.cfg.output_dir)
         if ckpt is None:
+            self.metrics.resume_at(0)
             return False
-        state = load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt)  # JSON + safetensors only; a pickle is refused
         if state.get("world_size", 1) != self.dist.world_size:
             raise ValueError(f"{ckpt} was written with world size {state['world_size']}, now {self.dist.world_size}; "
                              "the data order would differ")
+        self._check_resume_settings(ckpt)
         if self.engine is not None:
+            from monet.train.deepspeed_engine import check_deepspeed_checkpoint
+
+            check_deepspeed_checkpoint(ckpt / "deepspeed" / "state")  # DeepSpeed unpickles them in full
             self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
         else:
-            fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype)
+            # safetensors only: a planted pytorch_model.bin (a pickle) is never read
+            if not any((ckpt / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+                raise CheckpointError(f"{ckpt} has no safetensors weights (model.safetensors); pickled weights "
+                                      "are never loaded")
+            fresh = type(self.model).from_pretrained(ckpt, dtype=next(self.model.parameters()).dtype,
+                                                     use_safetensors=True)
             self.model.load_state_dict(fresh.state_dict())
             del fresh
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self._apply_optimizer_settings()
         set_rng_state(state["rng"])
         self.step, self.epoch, self.micro_index = state["step"], state["epoch"], state["micro_index"]
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.resumed_from = ckpt
+        dropped = self.metrics.resume_at(self.step)
         if self.dist.is_main:
-            self.printer(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro_index})")
+            self.printer(f"resumed from {ckpt} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro_index})"
+                         + (f"; dropped {dropped} metrics rows past step {self.step}" if dropped else ""))
         return True
 
     # -- training ------------------------------------------------------------------------------
@@ -303,12 +398,16 @@ class SFTTrainer:
         return idx
 
     def train_step(self, micro: list[StageBatch]) -> StepLosses:
-        """One optimizer step over ``micro`` (the accumulation window), plain or DeepSpeed."""
+        """One optimizer step over ``micro`` (the accumulation window), plain or DeepSpeed.
+
+        ``StepLosses.skipped`` is True when the loss or the gradient was NaN/inf: the plain path
+        then leaves weights and optimizer state untouched (the scheduler still advances); the
+        DeepSpeed path raises :class:`NonFiniteLossError` before the backward pass instead."""
         cfg, engine = self.cfg, self.engine
         local_w = sum(float(b.weights[:, 1:][b.labels[:, 1:] != -100].sum()) for b in micro)
         w_total = all_reduce_sum(torch.tensor(local_w, dtype=torch.float64), self.dist).float().clamp_min(1e-12)
         lr = self.scheduler.get_last_lr()[0]
-        ce_total, align_vals, tokens = 0.0, [], 0
+        ce_total, align_vals, tokens, local_bad = 0.0, [], 0, False
         if engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         for batch in micro:
@@ -316,44 +415,75 @@ class SFTTrainer:
             with autocast_context(self.device, cfg.dtype) if engine is None else nullcontext():
                 loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
                                                  len(micro), self.dist.world_size)
+            finite = bool(torch.isfinite(loss.detach()))
+            local_bad |= not finite
             if engine is None:
                 loss.backward()
             else:  # DeepSpeed divides by the accumulation steps and averages over ranks: undo both
+                if not finite:
+                    raise NonFiniteLossError(
+                        f"step {self.step + 1}: non-finite loss ({float(loss):.4g}) on samples {batch.keys}; DeepSpeed "
+                        "applies updates itself, so the step cannot be skipped: stopping before its backward pass "
+                        "(the weights are untouched; resume from the last checkpoint after fixing lr or the data)")
                 engine.backward(loss * (len(micro) * self.dist.world_size))
                 engine.step()
             ce_total += parts["ce_sum"]
             if "alignment" in parts:
                 align_vals.append(parts["alignment"])
             tokens += int(batch.attention_mask.sum())
+        # one collective for the CE sum and the "some rank saw a non-finite loss" flag
+        sums = all_reduce_sum(torch.tensor([ce_total, float(local_bad)], dtype=torch.float64), self.dist)
+        ce = float(sums[0]) / float(w_total)
+        skipped = bool(sums[1] > 0) or not math.isfinite(ce)
         if engine is None:
-            grad_norm = self._optimizer_step()
+            grad_norm, skipped = self._optimizer_step(skip=skipped)
         else:
             norm = engine.get_global_grad_norm()
             grad_norm = None if norm is None else float(norm)
-        ce = float(all_reduce_sum(torch.tensor(ce_total, dtype=torch.float64), self.dist)) / float(w_total)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise NonFiniteLossError(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}) after "
+                                         "DeepSpeed's update; stopping (resume from the last checkpoint)")
         align = sum(align_vals) / len(align_vals) if align_vals else None
         total = ce + (cfg.alignment_weight * align if align is not None else 0.0)
-        return StepLosses(total, ce, align, grad_norm, lr, tokens)
+        return StepLosses(total, ce, align, grad_norm, lr, tokens, skipped)
 
-    def _optimizer_step(self) -> float | None:
-        """Sum gradients over ranks (losses are globally normalised), clip, step. Returns the norm."""
+    def _optimizer_step(self, skip: bool = False) -> tuple[float | None, bool]:
+        """Sum gradients over ranks (losses are globally normalised), check them, clip, step.
+
+        Returns ``(gradient norm, skipped)``: with ``skip`` or a NaN/inf gradient norm the
+        gradients are dropped and the optimizer does not step (the scheduler does, so the LR
+        stays a function of the step number)."""
         if self.dist.enabled:
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
-        grad_norm = None
-        if self.cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        return grad_norm
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grad_norm = float(norm)
+        skip = skip or not math.isfinite(grad_norm)
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.max_grad_norm, norm)
+            self.optimizer.step()
+        with warnings.catch_warnings():
+            # a skipped first step calls the scheduler before any optimizer step, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        return grad_norm, skip
 
     def close(self) -> None:
-        """Release DeepSpeed and the process group (torchrun runs)."""
-        if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
-        shutdown_distributed()
+        """Release DeepSpeed, the process group (torchrun runs) and the run directory this
+        trainer took."""
+        try:
+            if self.engine is not None and hasattr(self.engine, "destroy"):
+                self.engine.destroy()
+            shutdown_distributed()
+        finally:
+            if self._own_run_dir is not None:
+                self._own_run_dir.release()
 
     def replica_checksums(self) -> list[str]:
         """SHA-256 of this rank's trainable weights, gathered from every rank (rank order)."""
@@ -368,6 +498,26 @@ class SFTTrainer:
         torch.distributed.all_gather_object(out, mine)
         return out
 
+    def _count_nonfinite(self, out: StepLosses) -> None:
+        """Count a skipped step, warn, and stop after ``max_nonfinite_steps`` in a row."""
+        if not out.skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.max_nonfinite_steps
+        if self.dist.is_main:
+            self.printer(f"warning: step {self.step}: non-finite loss or gradient (loss {out.loss:.4g}, grad norm "
+                         f"{out.grad_norm if out.grad_norm is None else f'{out.grad_norm:.4g}'}); step skipped, weights "
+                         f"unchanged ({self.nonfinite_streak} in a row, {self.nonfinite_total} in total; the run stops "
+                         f"at {limit} in a row)")
+        if self.nonfinite_streak >= limit:
+            last = latest_checkpoint(self.cfg.output_dir) if self.dist.is_main else None
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive steps (up to step {self.step}) had a non-finite loss or gradient "
+                f"(max_nonfinite_steps={limit}); stopping without writing a checkpoint. Last checkpoint: "
+                f"{last or 'none'}. Check the data and the learning rate (lr={self.cfg.lr})")
+
     def train(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -381,7 +531,10 @@ class SFTTrainer:
                 row["alignment"] = out.alignment
             if out.grad_norm is not None:
                 row["grad_norm"] = out.grad_norm
+            if out.skipped:
+                row["skipped"] = True
             self.metrics.log(self.step, row)
+            self._count_nonfinite(out)
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
@@ -390,7 +543,9 @@ class SFTTrainer:
         final = self.save()
         self.metrics.close()
         summary = {"stage": cfg.stage, "steps": self.step, "seconds": time.perf_counter() - t0,
-                   "checkpoint": str(final) if final else None, "metrics": self.metrics.summary(),
+                   "checkpoint": str(final) if final else None,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "skipped_steps": self.nonfinite_total, "metrics": self.metrics.summary(),
                    "replica_checksums": self.replica_checksums()}
         if len(set(summary["replica_checksums"])) > 1:
             raise RuntimeError(f"data-parallel replicas diverged: weight checksums {summary['replica_checksums']}")
@@ -401,7 +556,10 @@ class SFTTrainer:
 
 def format_summary(summary: dict) -> str:
     lines = [f"stage {summary['stage']}: {summary['steps']} steps in {summary['seconds']:.1f} s"
+             + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else "")
              + (f" -> {summary['checkpoint']}" if summary.get("checkpoint") else "")]
+    if summary.get("skipped_steps"):
+        lines.append(f"  {summary['skipped_steps']} steps skipped (non-finite loss or gradient)")
     for k, v in summary["metrics"].items():
         if k in ("loss", "ce", "alignment", "grad_norm"):
             lines.append(f"  {k:<10} first {v['first']:.4f}  last {v['last']:.4f}  mean {v['mean']:.4f}")

@@ -20,6 +20,11 @@ index is rewritten atomically. A crash therefore loses at most the writer's unfl
 restarted writer on the same directory (same settings) reopens the index, skips stored keys
 (``key in writer``) and appends new shards. Files not named by the index (a shard renamed just
 before a crash, stale ``.tmp`` files) are never read; the next writer removes or replaces them.
+
+Integrity: a reader checks each shard's size and CRC32 against the index the first time it opens
+the shard (once per reader), and fails naming the shard and the sample it was reading. A
+restarted writer checks every indexed shard the same way and drops the entries of a shard that
+fails (deleting the file), so rerunning ``monet precompute`` recomputes exactly those samples.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ from typing import Any, Sequence
 
 import torch
 
-from monet.atomic import atomic_write_json
+from monet.atomic import atomic_write_json, disk_full_error, is_disk_full
+from monet.train.dir_lock import DirectoryBusy, DirectoryLock
+from monet.train.teacher_targets import STORE_KINDS, for_store_kind
 
 INDEX = "index.json"
 LOCK = ".writer.lock"
 FORMAT_VERSION = 1
-KINDS = ("observation_reps", "latents")
-_PRECOMPUTE = {"observation_reps": "teacher-reps", "latents": "teacher-latents"}
+KINDS = STORE_KINDS
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
@@ -91,24 +97,31 @@ def _read_index(root: Path) -> dict:
     return data
 
 
-class _Lock:
-    """Exclusive advisory lock on ``root/.writer.lock`` (released when the process dies)."""
+def _lock(root: Path) -> DirectoryLock:
+    """The writer's exclusive lock on ``root/.writer.lock`` (released when the process dies)."""
+    try:
+        return DirectoryLock(root, LOCK)
+    except DirectoryBusy as e:
+        raise TeacherStoreError(f"another writer holds {root / LOCK} ({e.holder or 'unknown holder'}); one writer "
+                                "per teacher store (give each precompute job its own directory)") from None
 
-    def __init__(self, root: Path):
-        self.f = open(root / LOCK, "a+b")
-        try:
-            import fcntl
-        except ImportError:  # non-POSIX: no locking
-            return
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.f.close()
-            raise TeacherStoreError(f"another writer holds {root / LOCK}; one writer per teacher store "
-                                    "(give each precompute job its own directory)") from None
 
-    def release(self) -> None:
-        self.f.close()  # closing the descriptor drops the flock
+def shard_problem(root: Path, shard: str, info: dict) -> str | None:
+    """Why ``shard`` does not match what the index recorded for it (missing, size, CRC32), or None."""
+    path = root / shard
+    if not path.is_file():
+        return f"teacher store shard missing: {path} (listed in {root / INDEX})"
+    expected = info.get("bytes")
+    size = path.stat().st_size
+    if expected is not None and size != expected:
+        return (f"teacher store shard {path} is corrupt: {size} bytes, the index recorded {expected} "
+                "(truncated or overwritten?)")
+    if "crc32" in info:
+        crc = _file_crc32(path)
+        if crc != info["crc32"]:
+            return (f"teacher store shard {path} is corrupt: CRC32 {crc:08x} differs from the index's "
+                    f"{info['crc32']:08x} (bytes changed on disk)")
+    return None
 
 
 class TeacherStoreWriter:
@@ -146,7 +159,8 @@ class TeacherStoreWriter:
         self.shards: list[str] = []
         self.shard_info: dict[str, dict] = {}
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock: _Lock | None = _Lock(self.root)
+        self._lock: DirectoryLock | None = _lock(self.root)
+        self.repaired: dict[str, str] = {}
         try:
             if (self.root / INDEX).is_file():
                 self._resume(_read_index(self.root))
@@ -169,6 +183,18 @@ class TeacherStoreWriter:
                                         "use the same settings to resume, or another directory")
         self.header["meta"] = old["header"].get("meta", {})
         self.entries, self.shards, self.shard_info = old["entries"], old["shards"], old["shard_info"]
+        # repair: a shard that no longer matches the index loses its entries (they are recomputed)
+        for shard in list(self.shards):
+            problem = shard_problem(self.root, shard, self.shard_info.get(shard, {}))
+            if problem is None:
+                continue
+            self.repaired[shard] = problem
+            self.entries = {k: e for k, e in self.entries.items() if e["shard"] != shard}
+            self.shards.remove(shard)
+            self.shard_info.pop(shard, None)
+            (self.root / shard).unlink(missing_ok=True)
+        if self.repaired:
+            self._write_index()
 
     @property
     def closed(self) -> bool:
@@ -234,6 +260,8 @@ class TeacherStoreWriter:
             os.replace(tmp, path)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, Exception) and is_disk_full(e):
+                raise disk_full_error(e, path, "a teacher store shard") from e
             if isinstance(e, Exception):
                 raise TeacherStoreError(f"writing teacher store shard {path} failed: {e}") from e
             raise
@@ -278,11 +306,13 @@ class TeacherStore:
     """Read teacher states: shards memory-mapped lazily via ``safe_open``, open handles cached (LRU).
 
     ``device``: where ``get`` returns tensors; ``kind``: when given, the store must be of that kind
-    (``"observation_reps"`` for stage 2, ``"latents"`` for stage 3).
+    (``"observation_reps"`` for stage 2, ``"latents"`` for stage 3); ``verify_checksums``: check
+    each shard's CRC32 against the index the first time this reader opens it (one sequential read
+    of the shard; its size is always checked).
     """
 
     def __init__(self, root: str | os.PathLike, *, device: str | torch.device = "cpu", kind: str | None = None,
-                 max_open_shards: int = 64):
+                 max_open_shards: int = 64, verify_checksums: bool = True):
         self.root = Path(root)
         data = _read_index(self.root)
         self.header, self.entries, self.shard_info = data["header"], data["entries"], data["shard_info"]
@@ -291,7 +321,9 @@ class TeacherStore:
                                     f"needs {kind!r} (teacher-reps for stage 2, teacher-latents for stage 3)")
         self.device = torch.device(device)
         self.max_open_shards = max(1, int(max_open_shards))
+        self.verify_checksums = verify_checksums
         self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._verified: set[str] = set()
 
     @property
     def layers(self) -> list[int]:
@@ -323,7 +355,12 @@ class TeacherStore:
         """The ``keys`` without an entry (a pre-flight check before training)."""
         return [k for k in keys if k not in self.entries]
 
-    def _handle(self, shard: str):
+    def _repair_hint(self) -> str:
+        target = for_store_kind(self.header.get("kind"))
+        cmd = target.precompute if target else "teacher-reps / teacher-latents"
+        return f"rerun `monet precompute {cmd}` on the same data into {self.root} to rewrite its entries"
+
+    def _handle(self, shard: str, key: str | None = None):
         h = self._handles.get(shard)
         if h is not None:
             self._handles.move_to_end(shard)
@@ -331,16 +368,20 @@ class TeacherStore:
         from safetensors import safe_open
 
         path = self.root / shard
-        if not path.is_file():
-            raise TeacherStoreError(f"teacher store shard missing: {path} (listed in {self.root / INDEX})")
-        expected = self.shard_info.get(shard, {}).get("bytes")
-        if expected is not None and path.stat().st_size != expected:
-            raise TeacherStoreError(f"teacher store shard {path} is corrupt: {path.stat().st_size} bytes, the index "
-                                    f"recorded {expected} (truncated or overwritten?)")
+        reading = f" (reading {key!r})" if key is not None else ""
+        if shard not in self._verified:
+            info = dict(self.shard_info.get(shard, {}))
+            if not self.verify_checksums:
+                info.pop("crc32", None)
+            problem = shard_problem(self.root, shard, info)
+            if problem is not None:
+                raise TeacherStoreError(f"{problem}{reading}; {self._repair_hint()}")
+            self._verified.add(shard)
         try:
             h = safe_open(str(path), framework="pt", device=str(self.device))
         except Exception as e:
-            raise TeacherStoreError(f"teacher store shard {path} is unreadable: {e}") from None
+            raise TeacherStoreError(f"teacher store shard {path} is unreadable{reading}: {e}; "
+                                    f"{self._repair_hint()}") from None
         self._handles[shard] = h
         while len(self._handles) > self.max_open_shards:
             self._handles.popitem(last=False)
@@ -349,7 +390,8 @@ class TeacherStore:
     def _entry(self, key: str) -> dict:
         e = self.entries.get(key)
         if e is None:
-            cmd = _PRECOMPUTE.get(self.header.get("kind"), "teacher-reps / teacher-latents")
+            target = for_store_kind(self.header.get("kind"))
+            cmd = target.precompute if target else "teacher-reps / teacher-latents"
             raise TeacherStoreError(f"teacher store {self.root} has no entry for {key!r} — run `monet precompute "
                                     f"{cmd}` on the same data into it (it resumes and fills only missing keys)")
         return e
@@ -371,7 +413,7 @@ class TeacherStore:
                 raise TeacherStoreError(f"teacher store {self.root} keeps layers {stored}; {missing} were not stored "
                                         f"(requested for {key!r})")
             idx = [stored.index(x) for x in layers]
-        h = self._handle(e["shard"])
+        h = self._handle(e["shard"], key)
         try:
             if idx is None:
                 t = h.get_tensor(e["tensor"])
@@ -396,7 +438,7 @@ class TeacherStore:
         if not e.get("positions"):
             return None
         try:
-            return self._handle(e["shard"]).get_tensor(e["tensor"] + ".positions")
+            return self._handle(e["shard"], key).get_tensor(e["tensor"] + ".positions")
         except Exception as err:
             raise TeacherStoreError(f"teacher store {self.root}: cannot read positions of {key!r} from "
                                     f"{self.root / e['shard']}: {err}") from None
@@ -427,15 +469,12 @@ def verify(root: str | os.PathLike, *, checksums: bool = False) -> dict:
     Returns ``{"root", "entries", "ok", "errors": [str], "unindexed": [file]}``; ``errors`` name
     the file or key; ``unindexed`` lists stray shard / tmp files the index does not reference.
     """
-    store = TeacherStore(root)
+    store = TeacherStore(root, verify_checksums=checksums)
     errors: list[str] = []
     bad_shards: set[str] = set()
-    for shard, info in store.shard_info.items():
-        path = store.root / shard
+    for shard in store.shard_info:
         try:
             store._handle(shard)
-            if checksums and "crc32" in info and _file_crc32(path) != info["crc32"]:
-                raise TeacherStoreError(f"teacher store shard {path} is corrupt: CRC32 differs from the index")
         except TeacherStoreError as err:
             errors.append(str(err))
             bad_shards.add(shard)

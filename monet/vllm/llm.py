@@ -13,8 +13,8 @@ from monet.model.requests import LatentRequest, as_requests, render_prompt
 from monet.model.sampling import SamplingParams, resolve_sampling
 from monet.render import render_latent_text, split_spans
 from monet.tokens import LATENT_PAD, LATENT_START, LatentTokenIds
-from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, RequestSettings,
-                                 check_engine_features)
+from monet.vllm.settings import (CONFIG_KEY, DEFAULT_MAX_LATENTS, V2_ERROR, EngineSettings, check_engine_features,
+                                 parse_request_settings)
 
 WORKER_CLS = "monet.vllm.worker.LatentWorker"
 
@@ -145,13 +145,15 @@ class LatentLLM:
         prompts, vparams, settings = [], [], []
         for i, req in enumerate(reqs):
             rendered = render_prompt(self.processor, req, i)
-            try:
-                span = SpanLayout.of(Ks[i], kinds[i], default=self.settings.layout)
+            raw = {"latent_size": Ks[i], "layout": kinds[i], "force_start": rendered.force_start,
+                   "return_latents": return_latents, "tag": uuid.uuid4().hex if return_latents else None,
+                   "ablation": ablations[i] if ablations is not None else None}
+            try:  # the runner's own parser: what is accepted here is what the runner accepts
+                st = parse_request_settings({CONFIG_KEY: {k: v for k, v in raw.items() if v is not None}},
+                                            self.settings.layout)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"request {i}: {e}") from None
-            st = RequestSettings(layout=span, force_start=rendered.force_start, return_latents=return_latents,
-                                 tag=uuid.uuid4().hex if return_latents else None,
-                                 ablation=ablations[i] if ablations is not None else None)
+            span = st.layout
             prompt: dict[str, Any] = {"prompt": rendered.text, "cache_salt": cache_salt(rendered.text, span)}
             if rendered.images:
                 prompt["multi_modal_data"] = {"image": rendered.images}
