@@ -83,7 +83,8 @@ def test_cli_synth_report_and_records(full_run, ckpt):
         assert len(r.extra["latent_norms"]) == r.extra["num_latents"] == K * r.extra["latent_spans"]
         assert r.verdict in ("correct", "incorrect", "degenerate") and r.decided_by
     # latent norms recorded per sample are the norms of the stored vectors
-    run = load_run(full_run / f"K{K}" / "synth", load_samples("synth", Path(rep["settings"]["data"][0]), limit=4).samples)
+    samples = load_samples("synth", Path(rep["settings"]["data"][0]), limit=4).samples
+    run = load_run(full_run / f"K{K}" / "synth", samples)
     for r in run.records:
         assert r.extra["latent_norms"] == pytest.approx(run.latents[r.sample_id].norm(dim=1).tolist(), abs=1e-4)
     # settings, sampling and the checkpoint hash (independent sha256 of the weight files)
@@ -242,9 +243,8 @@ def test_resume_after_interruption_gives_the_same_report(ckpt, synth, tiny_on, t
     redone = []
     res = run_eval(_run(out, ckpt, synth, ablations=("zeros",)), engine=engine,
                    on_record=lambda n, r: redone.append((n, r.sample_id)))
-    assert [sid for n, sid in redone if "zeros" not in n] == [s for s in
-                                                               (r.sample_id for r in ref.per_k[0].baselines["synth"].records)
-                                                               if s not in seen]
+    all_ids = [r.sample_id for r in ref.per_k[0].baselines["synth"].records]
+    assert [sid for n, sid in redone if "zeros" not in n] == [s for s in all_ids if s not in seen]
     a = json.loads((out / "report.json").read_text())
     b = json.loads(ref.paths["json"].read_text())
     for rep in (a, b):
@@ -325,7 +325,8 @@ def test_paired_difference_interval_hand_computed():
     lo = (p2 - p1) - math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
     hi = (p2 - p1) + math.sqrt((u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2)
     d, got_lo, got_hi = paired_difference_interval(both, a_only, b_only, neither)
-    assert d == pytest.approx(-0.07) and got_lo == pytest.approx(lo, abs=1e-12) and got_hi == pytest.approx(hi, abs=1e-12)
+    assert d == pytest.approx(-0.07)
+    assert got_lo == pytest.approx(lo, abs=1e-12) and got_hi == pytest.approx(hi, abs=1e-12)
     # no discordant pairs: no change; the interval holds 0
     d, lo, hi = paired_difference_interval(5, 0, 0, 5)
     assert d == 0 and lo <= 0 <= hi

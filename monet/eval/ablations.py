@@ -198,7 +198,8 @@ def latent_usage_verdict(rows: Sequence[AblationRow]) -> dict:
                        f"(ablation {worst.ablation})"}
 
 
-def partner_latents(sample_ids: Sequence[str], latents: Mapping[str, torch.Tensor], seed: int) -> dict[str, tuple[str, torch.Tensor]]:
+def partner_latents(sample_ids: Sequence[str], latents: Mapping[str, torch.Tensor],
+                    seed: int) -> dict[str, tuple[str, torch.Tensor]]:
     """For ablation ``other``: sample id -> (partner id, the partner's baseline latents)."""
     perm = derangement(len(sample_ids), seed)
     return {sid: (sample_ids[perm[i]], latents.get(sample_ids[perm[i]], torch.zeros(0)))

@@ -59,7 +59,8 @@ class HFEvalEngine:
         return int(self.model.get_input_embeddings().weight.shape[1])
 
     def generate(self, requests: Sequence[dict], sampling: SamplingParams, *, layout: SpanLayout,
-                 return_latents: bool, ablations: Sequence[LatentAblation | None] | None = None) -> list[LatentGeneration]:
+                 return_latents: bool,
+                 ablations: Sequence[LatentAblation | None] | None = None) -> list[LatentGeneration]:
         from monet.model.decoding import generate
 
         return generate(self.model, self.processor, list(requests), sampling, layout=layout,
@@ -100,7 +101,8 @@ class VllmEvalEngine:
         return int(cfg.hidden_size)
 
     def generate(self, requests: Sequence[dict], sampling: SamplingParams, *, layout: SpanLayout,
-                 return_latents: bool, ablations: Sequence[LatentAblation | None] | None = None) -> list[LatentGeneration]:
+                 return_latents: bool,
+                 ablations: Sequence[LatentAblation | None] | None = None) -> list[LatentGeneration]:
         import dataclasses
 
         # per-request seeds are not used with vLLM: the engine seed (set at start-up) drives sampling

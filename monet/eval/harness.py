@@ -259,7 +259,8 @@ def run_samples(engine: Any, samples: Sequence[EvalSample], run_dir: Path, *, na
                    disable=not settings.progress, dynamic_ncols=True)
         try:
             for batch in _chunks(todo, settings.batch_size):
-                reqs = [{"messages": build_messages(s, prompt_cfg), "force_latent": settings.force_latent} for s in batch]
+                reqs = [{"messages": build_messages(s, prompt_cfg), "force_latent": settings.force_latent}
+                        for s in batch]
                 abl = None
                 if ablation is not None:
                     abl = [build_ablation(ablation, s.sample_id, settings.seed,
@@ -395,7 +396,8 @@ def resolve_spans(settings: EvalSettings, default: SpanLayout | None) -> list[Sp
     return [SpanLayout(default.latent_size, kind)]
 
 
-def run_eval(settings: EvalSettings, *, engine: Any = None, on_record: Callable[[str, SampleRecord], None] | None = None,
+def run_eval(settings: EvalSettings, *, engine: Any = None,
+             on_record: Callable[[str, SampleRecord], None] | None = None,
              console: Any = None) -> EvalResult:
     """Run the whole evaluation (module doc); returns the results and the written paths.
 
@@ -457,7 +459,8 @@ def _run_k(engine, span, settings, loaded, scorer, ck_sha, ablation_names, hidde
     for bench, data in loaded.items():
         name = f"{bench} K={span.latent_size}"
         baselines[bench] = run_samples(engine, data.samples, kdir / bench, name=name, span=span, settings=settings,
-                                       scorer=scorer, fingerprint=_fingerprint(settings, span, engine.name, ck_sha, None),
+                                       scorer=scorer,
+                                       fingerprint=_fingerprint(settings, span, engine.name, ck_sha, None),
                                        on_record=on_record)
     ablation_runs: dict[str, dict[str, RunResult]] = {a: {} for a in ablation_names}
     ablation_rows: list[AblationRow] = []
@@ -626,6 +629,7 @@ def _heatmaps(heat_engine, res: KResult, loaded, settings: EvalSettings, plot_di
         images = s.load_images()
         maps = latent_heatmaps(heat_engine.model, heat_engine.processor, images[:1], z)[0]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in s.sample_id)
-        out[s.sample_id] = plot_latent_heatmaps(images[0], maps, plot_dir / f"heatmap_K{res.span.latent_size}_{safe}.png",
+        png = plot_dir / f"heatmap_K{res.span.latent_size}_{safe}.png"
+        out[s.sample_id] = plot_latent_heatmaps(images[0], maps, png,
                                                 title=f"{s.sample_id}: cosine of each latent to the visual tokens")
     return out

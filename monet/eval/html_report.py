@@ -24,7 +24,8 @@ from monet.render import SPAN_PLACEHOLDER
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}
+th,td{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}
 th{background:#f0f0f0}td.num{text-align:right}.correct{color:#0a7a2f}.incorrect{color:#b00020}.degenerate{color:#a66f00}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max-height:18em;overflow:auto}
 .latent{background:#ffe08a;border-radius:3px}.verdict{font-weight:bold}img{max-width:100%}
@@ -82,7 +83,8 @@ def _table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
 
 
 def _verdict(rec: SampleRecord) -> str:
-    return f'<span class="verdict {html.escape(rec.verdict)}">{html.escape(rec.verdict)}</span> ({html.escape(rec.decided_by)})'
+    v = html.escape(rec.verdict)
+    return f'<span class="verdict {v}">{v}</span> ({html.escape(rec.decided_by)})'
 
 
 def render_html(report: dict, figures: Sequence[tuple[str, Path]], samples: Sequence[HtmlSample]) -> str:
@@ -92,7 +94,8 @@ def render_html(report: dict, figures: Sequence[tuple[str, Path]], samples: Sequ
     out.append(f"<p class='note'>{html.escape(str(report.get('latent_usage_summary', '')))}</p>")
     ck = report.get("checkpoint", {})
     out.append(f"<p>checkpoint <code>{html.escape(str(ck.get('model', '')))}</code>, weights sha256 "
-               f"<code>{html.escape(str(ck.get('sha256', '')))}</code>; created {html.escape(str(report.get('created', '')))}</p>")
+               f"<code>{html.escape(str(ck.get('sha256', '')))}</code>; "
+               f"created {html.escape(str(report.get('created', '')))}</p>")
     out.append("<details><summary>run settings</summary><pre>" +
                html.escape(json.dumps(report.get("settings", {}), indent=1, default=str)) + "</pre></details>")
     for run in report.get("runs", []):

@@ -186,7 +186,8 @@ def scrub_secrets(obj: Any) -> Any:
         for k, v in obj.items():
             lk = str(k).lower()
             # "*_tokens" are counts (max_new_tokens), not credentials
-            if not lk.endswith(("_env", "tokens")) and any(s in lk for s in ("api_key", "apikey", "token", "secret", "password")):
+            secret = any(s in lk for s in ("api_key", "apikey", "token", "secret", "password"))
+            if secret and not lk.endswith(("_env", "tokens")):
                 continue
             out[k] = scrub_secrets(v)
         return out
