@@ -182,6 +182,61 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on benchmarks (accuracy, latent diagnostics, ablations)",
+                       description="Results stream to per-sample JSONL under --out; rerunning the same command "
+                                   "resumes where it stopped. See docs/eval.md.")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--bench", required=True,
+                   help="comma-separated benchmarks: VStarBench, HRBench4K, HRBench8K, MME-RealWorld-Lite, "
+                        "VisualPuzzles, synth (the `monet data synth` eval split), or any name for a Monet-SFT .json")
+    p.add_argument("--data", required=True, action="append",
+                   help="data folder / .tsv / .json for all benchmarks, or NAME=PATH per benchmark (repeat)")
+    p.add_argument("--out", required=True, help="output folder (records, reports, plots; resumable)")
+    p.add_argument("--engine", choices=["vllm", "hf", "auto"], default="auto", help="default: vllm if installed")
+    p.add_argument("--latent-size", default=None, help="K, or a comma-separated sweep (1,4,8,16); default: model's")
+    p.add_argument("--layout", choices=["standard", "monet-v1"], default=None)
+    p.add_argument("--force-latent", action="store_true", help="open every answer with a latent span")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--instruction", default=None, help="replaces the benchmark prompt's trailing instruction")
+    p.add_argument("--limit", type=int, default=None, help="first N samples per benchmark")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--ablations", default=None, help="comma-separated: zeros,start,other,noise")
+    p.add_argument("--judge-config", default=None, help="YAML with LLM-judge settings (JudgeConfig fields)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="HF engine / heatmaps: auto, cpu, cuda")
+    p.add_argument("--image-root", default=None, help="image root of a Monet-SFT .json (default: its folder)")
+    p.add_argument("--heatmaps", type=int, default=3, help="samples drawn as latent heatmaps (0: none)")
+    p.add_argument("--html-samples", type=int, default=20, help="samples per benchmark listed in report.html")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from monet.eval.harness import EvalSettings, run_eval
+
+    try:
+        ks = tuple(int(k) for k in args.latent_size.split(",") if k.strip()) if args.latent_size else ()
+    except ValueError:
+        raise ValueError(f"--latent-size: expected integers like 4 or 1,4,8,16, got {args.latent_size!r}") from None
+    settings = EvalSettings(
+        model=args.model, benchmarks=tuple(b.strip() for b in args.bench.split(",") if b.strip()),
+        data=tuple(args.data), out=args.out, engine=args.engine, latent_sizes=ks, layout=args.layout,
+        force_latent=args.force_latent, system_prompt=args.system_prompt, instruction=args.instruction,
+        limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        ablations=tuple(a.strip() for a in (args.ablations or "").split(",") if a.strip()),
+        judge_config=args.judge_config, dtype=args.dtype, device=args.device, image_root=args.image_root,
+        heatmap_samples=args.heatmaps, html_samples=args.html_samples, progress=not args.no_progress)
+    run_eval(settings)
+    return 0
+
+
 _SERVE_HELP = "OpenAI-compatible server (vLLM) with latent decoding (see `monet serve --help`)"
 
 
@@ -207,6 +262,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_precompute(sub)
     _add_data(sub)
     _add_quickstart(sub)
+    _add_eval(sub)
     _add_serve(sub, full=bool(argv) and argv[0] == "serve")
     return parser
 

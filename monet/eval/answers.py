@@ -1,30 +1,24 @@
-"""Final-answer extraction from ``\\boxed{...}`` (nested braces allowed)."""
+"""Final-answer helpers kept for existing callers.
+
+``extract_boxed`` is :func:`monet.scoring.extract_boxed` (content of the last complete
+``\\boxed{...}``, balanced braces, stripped), the one extractor shared with scoring and RL
+rewards; ``normalize_answer`` is the exact-match normalisation of the quick held-out check.
+"""
 
 from __future__ import annotations
 
 import re
 
-_BOXED = "\\boxed{"
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in ``text`` (balanced braces), or None."""
-    start = text.rfind(_BOXED)
-    while start != -1:
-        i, depth = start + len(_BOXED), 1
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len(_BOXED): i - 1]
-        start = text.rfind(_BOXED, 0, start)  # unbalanced (cut off): try an earlier one
-    return None
+from monet.scoring.extract import extract_boxed
 
 
 def normalize_answer(ans: str | None) -> str | None:
-    """Lower-case, strip spaces, surrounding ``$``/``.`` and ``\\text{}``."""
+    """Lower-case, strip spaces, surrounding ``$``/``.`` and ``\\text{}``; None stays None."""
     if ans is None:
         return None
     a = ans.strip().rstrip(".").strip().strip("$").strip()
     a = re.sub(r"\\text\{([^}]*)\}", r"\1", a)
     return re.sub(r"\s+", " ", a).strip(" .").lower()
+
+
+__all__ = ["extract_boxed", "normalize_answer"]

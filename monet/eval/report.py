@@ -180,12 +180,14 @@ def summarize(records: Iterable[SampleRecord]) -> list[AccuracyRow]:
 
 def scrub_secrets(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts/lists) without entries whose key looks like a secret
-    (``api_key``, ``token``, ``secret``, ``password``); ``*_env`` names are kept."""
+    (``api_key``, ``token``, ``secret``, ``password``); ``*_env`` names and ``*_tokens`` counts are kept."""
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
             lk = str(k).lower()
-            if not lk.endswith("_env") and any(s in lk for s in ("api_key", "apikey", "token", "secret", "password")):
+            # "*_tokens" are counts (max_new_tokens), not credentials
+            secret = any(s in lk for s in ("api_key", "apikey", "token", "secret", "password"))
+            if secret and not lk.endswith(("_env", "tokens")):
                 continue
             out[k] = scrub_secrets(v)
         return out
