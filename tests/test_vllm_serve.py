@@ -107,14 +107,14 @@ def test_chat_completion_renders_spans(server):
 def test_completion_prompt_ending_in_start(server):
     base, model = server
     status, data = _post(base + "/v1/completions", {"model": model, "prompt": "hi <abs_vis_token>", "max_tokens": 6,
-                                                    "return_token_ids": True})
+                                                    "temperature": 0.0, "return_token_ids": True})
     assert status == 200, data
     choice = data["choices"][0]
     pad, start, end = 695, 696, 697
     assert choice["token_ids"][:4] == [start, pad, pad, end]  # START forced first; engine default K = 2
     assert choice["text"].startswith(SPAN_PLACEHOLDER)
     # START stripped by the server == START forced by the client's own setting
-    status, again = _post(base + "/v1/completions", {"model": model, "prompt": "hi ", "max_tokens": 6,
+    status, again = _post(base + "/v1/completions", {"model": model, "prompt": "hi ", "max_tokens": 6, "temperature": 0.0,
                                                      "return_token_ids": True, "vllm_xargs": {"monet_force_start": True}})
     assert status == 200 and again["choices"][0]["token_ids"] == choice["token_ids"], again
 

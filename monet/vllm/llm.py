@@ -179,10 +179,12 @@ class LatentLLM:
 
     def _run(self, prompts: list[dict], params: list, use_tqdm: bool):
         """``LLM.generate``; a prompt longer than the context is named with its lengths and the limit."""
+        from vllm.exceptions import VLLMValidationError
+
         try:
             return self.llm.generate(prompts, params, use_tqdm=use_tqdm)
-        except ValueError as e:
-            if "max" not in str(e).lower() or "length" not in str(e).lower():
+        except (ValueError, VLLMValidationError) as e:
+            if "length" not in str(e).lower():
                 raise
             limit = self.llm.llm_engine.model_config.max_model_len
             for i, p in enumerate(prompts):
