@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 
 from monet.cli import main
@@ -64,3 +68,24 @@ def test_precompute_with_verify(tmp_path, capsys):
                "--dtype", "float32", "--verify", "--device", "cpu"])
     assert rc == 0
     assert "verify: 3/3 entries readable" in capsys.readouterr().out
+
+
+def _run_cli(*args: str):
+    return subprocess.run([sys.executable, "-m", "monet.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_generate_stdout_carries_only_the_answer(tmp_path):
+    """A fresh interpreter (real import order): library chatter (DeepSpeed's accelerator banner,
+    progress bars, warnings) must not reach stdout."""
+    ckpt = build_tiny_checkpoint(cache=True)
+    r = _run_cli("generate", "--model", str(ckpt), "--prompt", "hi", "--latent-size", "2", "--force-latent",
+                 "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(SPAN_PLACEHOLDER), r.stdout
+    # bad input through the CLI: a clear message, exit code 2, no traceback
+    for extra, pattern in [(["--image", str(tmp_path)], "is a directory, not an image file"),
+                           (["--device", "cuda:7"], "CUDA is not available|only")]:
+        r = _run_cli("generate", "--model", str(ckpt), "--prompt", "x", *extra)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert re.search(pattern, r.stderr), r.stderr
