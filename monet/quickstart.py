@@ -33,6 +33,8 @@ class QuickstartSettings:
     # The paper freezes a *pretrained* vision tower; the tiny model's tower is random, so by
     # default the quickstart trains it too (set True to follow the paper exactly).
     freeze_vision: bool = False
+    # CE targets (monet.data.stage_layout label rules); "research" reproduces the original code
+    labels: str = "decodable"
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
@@ -46,7 +48,8 @@ def _stage_config(s: QuickstartSettings, out: Path, stage: int, model: Path, dat
                      output_dir=str(out / f"stage{stage}"), latent_size=s.latent_size, lr=s.lr, warmup_steps=10,
                      epochs=s.epochs[stage - 1], max_steps=s.max_steps, micro_batch_size=s.micro_batch_size,
                      grad_accum=s.grad_accum, dtype="float32", gradient_checkpointing=False, seed=s.seed,
-                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision, **kw)
+                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision,
+                     labels=s.labels, **kw)
 
 
 def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = None, *, progress: bool = True,
