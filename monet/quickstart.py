@@ -56,7 +56,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
                    printer=print) -> dict:
     import torch
 
-    from monet.data.synth import synthesize_dataset
+    from monet.data.synth import check_output_dir, synthesize_dataset
     from monet.eval.evaluate import evaluate_sft_file
     from monet.model.loading import load_model
     from monet.testing import build_tiny_checkpoint
@@ -64,6 +64,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
 
     s = settings or QuickstartSettings.default()
     out = Path(out_dir)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()

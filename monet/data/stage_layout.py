@@ -73,6 +73,18 @@ VISION_END = "<|vision_end|>"
 IM_END = "<|im_end|>"
 
 
+class SampleLoadError(ValueError):
+    """One sample cannot be turned into model inputs (e.g. an image that no longer decodes).
+
+    Raised per sample on the training data path so callers can skip exactly that sample and
+    report it: ``key`` is the sample's ``dataset_name/sample_id``, ``reason`` what went wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 def check_stage(stage: int) -> int:
     if stage not in STAGES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
@@ -325,7 +337,10 @@ def build_stage_example(
 
 def load_pixels(example: StageExample, processor: Any) -> StageExample:
     """Return ``example`` with ``pixel_values``/``image_grid_thw`` computed by the processor's
-    image processor (one call per image, each with its own token cap)."""
+    image processor (one call per image, each with its own token cap).
+
+    Raises :class:`SampleLoadError` (naming the sample and the file) when an image cannot be
+    opened or decoded, or no longer gives the planned grid."""
     if not example.images:
         return replace(example, pixel_values=None, image_grid_thw=None)
     from PIL import Image
@@ -334,14 +349,17 @@ def load_pixels(example: StageExample, processor: Any) -> StageExample:
     geo = ProcessorGeometry.from_image_processor(ip)
     pixels, grids = [], []
     for plan in example.images:
-        with Image.open(plan.file) as im:
-            rgb = im.convert("RGB")
+        try:
+            with Image.open(plan.file) as im:
+                rgb = im.convert("RGB")
+        except Exception as e:  # OSError, SyntaxError, zlib/decompression errors, ... from PIL
+            raise SampleLoadError(example.key, f"cannot decode image {plan.file}: {type(e).__name__}: {e}") from e
         out = ip(images=[rgb], return_tensors="pt",
                  size={"shortest_edge": geo.min_pixels, "longest_edge": plan.max_tokens * geo.pixels_per_token})
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         if grid != tuple(plan.grid_thw):
-            raise ValueError(f"{example.key}: image {plan.file} now gives grid {grid}, planned "
-                             f"{tuple(plan.grid_thw)} (file changed since preprocessing?)")
+            raise SampleLoadError(example.key, f"image {plan.file} now gives grid {grid}, planned "
+                                  f"{tuple(plan.grid_thw)} (file changed since preprocessing?)")
         pixels.append(out["pixel_values"])
         grids.append(out["image_grid_thw"])
     return replace(example, pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids).long())
