@@ -167,6 +167,8 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a few steps per stage (smoke run)")
+    p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
+                   help="CE targets: every token the decoder must emit (default) or the research code's")
     p.set_defaults(func=_cmd_quickstart)
 
 
@@ -178,6 +180,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         settings.n_train = args.n_train
     if args.n_eval is not None:
         settings.n_eval = args.n_eval
+    settings.labels = args.labels
     run_quickstart(args.out, settings)
     return 0
 

@@ -1,8 +1,9 @@
 """``monet quickstart`` (``make demo``): the whole pipeline on CPU in minutes.
 
 synthetic zoom-in data -> tiny random Qwen2.5-VL -> stage 1 -> teacher reps -> stage 2 -> teacher
-latents -> stage 3 (from the stage-1 weights) -> held-out evaluation of the stage-1 and stage-3
-models with :func:`monet.generate`. Writes everything under the output directory and a
+latents -> stage 3 (from the stage-1 weights) -> held-out evaluation with :func:`monet.generate` of
+the stage-1 model (with the reference helper image inserted when it asks for one, and without) and
+of the stage-3 model. Writes everything under the output directory and a
 ``report.json``; prints a summary table. The numbers are whatever this tiny model reaches.
 """
 
@@ -33,6 +34,8 @@ class QuickstartSettings:
     # The paper freezes a *pretrained* vision tower; the tiny model's tower is random, so by
     # default the quickstart trains it too (set True to follow the paper exactly).
     freeze_vision: bool = False
+    # CE targets (monet.data.stage_layout label rules); "research" reproduces the original code
+    labels: str = "decodable"
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
@@ -46,14 +49,15 @@ def _stage_config(s: QuickstartSettings, out: Path, stage: int, model: Path, dat
                      output_dir=str(out / f"stage{stage}"), latent_size=s.latent_size, lr=s.lr, warmup_steps=10,
                      epochs=s.epochs[stage - 1], max_steps=s.max_steps, micro_batch_size=s.micro_batch_size,
                      grad_accum=s.grad_accum, dtype="float32", gradient_checkpointing=False, seed=s.seed,
-                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision, **kw)
+                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision,
+                     labels=s.labels, **kw)
 
 
 def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = None, *, progress: bool = True,
                    printer=print) -> dict:
     import torch
 
-    from monet.data.synth import synthesize_dataset
+    from monet.data.synth import check_output_dir, synthesize_dataset
     from monet.eval.evaluate import evaluate_sft_file
     from monet.model.loading import load_model
     from monet.testing import build_tiny_checkpoint
@@ -61,6 +65,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
 
     s = settings or QuickstartSettings.default()
     out = Path(out_dir)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
@@ -94,11 +99,13 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
                      lambda: run_sft(c3, overwrite=True, progress=progress))["checkpoint"])
 
     reports = {}
-    for name, ck in (("stage1", ck1), ("stage3", ck3)):
-        def ev(ck=ck):
+    # The stage-1 model is trained to see the helper image it asks for: it is scored with the
+    # reference helper image inserted when it emits <|vision_start|> ("stage1+zoom"), and without.
+    for name, ck, helpers in (("stage1+zoom", ck1, True), ("stage1", ck1, False), ("stage3", ck3, False)):
+        def ev(ck=ck, helpers=helpers):
             model, processor = load_model(ck, latent_size=s.latent_size)
             return evaluate_sft_file(model, processor, data.eval_json, max_new_tokens=s.max_new_tokens,
-                                     batch_size=s.eval_batch_size, progress=progress)
+                                     batch_size=s.eval_batch_size, progress=progress, helper_images=helpers)
         reports[name] = timed(f"evaluate {name} model", ev)
 
     report = {
@@ -115,15 +122,23 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     return report
 
 
+#: Column titles of the summary table.
+EVAL_TITLES = {"stage1+zoom": "stage-1 + zoom", "stage1": "stage-1 model", "stage3": "stage-3 model"}
+
+
 def format_report(report: dict) -> str:
     ev = report["eval"]
+    models = list(ev)
     rows = [("accuracy", "accuracy", "{:.1%}"), ("answers with a \\boxed{}", "answered", "{:.1%}"),
             ("answers using a latent span", "latent_usage", "{:.1%}"),
             ("latent spans per answer", "mean_latent_spans", "{:.2f}"),
+            ("helper images per answer", "mean_helper_images", "{:.2f}"),
             ("mean pairwise latent cosine", "mean_pairwise_latent_cosine", "{:.3f}")]
-    lines = [f"{'held-out (' + str(ev['stage3']['n']) + ' samples)':<32}{'stage-1 model':>16}{'stage-3 model':>16}"]
+    n = ev[models[-1]]["n"]
+    lines = [f"{'held-out (' + str(n) + ' samples)':<32}" + "".join(f"{EVAL_TITLES.get(m, m):>16}" for m in models)]
     for label, key, fmt in rows:
-        cells = [("-" if ev[m][key] is None else fmt.format(ev[m][key])) for m in ("stage1", "stage3")]
-        lines.append(f"{label:<32}{cells[0]:>16}{cells[1]:>16}")
+        cells = [("-" if ev[m].get(key) is None else fmt.format(ev[m][key])) for m in models]
+        lines.append(f"{label:<32}" + "".join(f"{c:>16}" for c in cells))
+    lines.append("(stage-1 + zoom: the reference helper image is inserted when the stage-1 model asks for it)")
     lines.append(f"{'total time':<32}{report['total_s']:>15.0f}s")
     return "\n".join(lines)

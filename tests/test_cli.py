@@ -48,7 +48,7 @@ def test_quickstart_fast_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--fast"]) == 0
     report = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert set(report["checkpoints"]) == {"stage1", "stage2", "stage3"}
-    for stage in ("stage1", "stage3"):
+    for stage in ("stage1+zoom", "stage1", "stage3"):
         assert report["eval"][stage]["n"] == 8 and 0.0 <= report["eval"][stage]["accuracy"] <= 1.0
     assert (tmp_path / "qs" / "teacher_reps" / "index.json").is_file()
     assert (tmp_path / "qs" / "teacher_latents" / "index.json").is_file()

@@ -77,8 +77,14 @@ def test_settings_and_inputs_change_the_key(tmp_path, processor, samples, counti
     other_k = preprocess_dataset(samples, processor, 2, K + 1, cache)
     other_stage = preprocess_dataset(samples, processor, 3, K, cache)
     fewer = preprocess_dataset(samples[:5], processor, 2, K, cache)
-    assert len({base.path, other_k.path, other_stage.path, fewer.path}) == 4
-    assert len(counting) == 7 * 3 + 5
+    research = preprocess_dataset(samples, processor, 2, K, cache, labels="research")
+    assert len({base.path, other_k.path, other_stage.path, fewer.path, research.path}) == 5
+    assert len(counting) == 7 * 4 + 5
+    # Each label rule reads back its own targets.
+    for i, s in enumerate(samples):
+        _same(research[i], build_stage_example(s, processor, 2, K, labels="research"))
+        _same(base[i], build_stage_example(s, processor, 2, K))
+    assert int(base[0].target_mask.sum()) > int(research[0].target_mask.sum())
     # Touching an image (new mtime) invalidates the entry.
     f = samples[0].question_images[0].file
     st = os.stat(f)

@@ -38,9 +38,11 @@ def hand(tmp_path):
     return load_hand_samples(tmp_path, good_sample("s0"), two_helper_sample("s2"))
 
 
-def expected(processor, ids, stage):
+def expected(processor, ids, stage, rule="decodable"):
     """Hand-built (ids, labels, weights, observation positions, latent positions, answer_start)
-    of ``good_sample`` for ``stage``: pieces tokenised separately, roles spelled out."""
+    of ``good_sample`` for ``stage`` under label rule ``rule``: pieces tokenised separately, the
+    target flag of every piece spelled out."""
+    emitted = rule == "decodable"  # tokens the model must emit itself that the research code skips
     tok = processor.tokenizer
 
     def enc(text):
@@ -58,13 +60,14 @@ def expected(processor, ids, stage):
     answer_start = len(rows)
     add(enc(REASON), True)
     if stage in (1, 2):
-        add([ids.vision_start] + [ids.image_pad] * 4 + [ids.vision_end], False)  # 56x56 -> 2x2
+        add([ids.vision_start], emitted)  # opens the helper image: the model asks for it
+        add([ids.image_pad] * 4 + [ids.vision_end], False)  # 56x56 -> 2x2, inserted with the image
     if stage in (2, 3):
         add([lt.start], True)
-        add([lt.pad] * K + [lt.end], False)
-    add([lt.observation_start], False)
+        add([lt.pad] * K + [lt.end], False)  # forced by the latent decoder
+    add([lt.observation_start], emitted)
     add(enc(OBSERVATION), True, obs=True)
-    add([lt.observation_end], False)
+    add([lt.observation_end], emitted)
     add(enc(FINAL), True)
     add([ids.im_end], True)
     add(enc("\n"), False)
@@ -77,10 +80,12 @@ def expected(processor, ids, stage):
     return tokens, labels, weights, obs.nonzero().flatten(), latent, answer_start
 
 
+@pytest.mark.parametrize("rule", ["decodable", "research"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_hand_sample_tokens_and_targets(processor, ids, hand, stage):
-    ex = build_stage_example(hand[0], processor, stage, K)
-    tokens, labels, weights, obs_pos, latent_pos, answer_start = expected(processor, ids, stage)
+def test_hand_sample_tokens_and_targets(processor, ids, hand, stage, rule):
+    kw = {} if rule == "decodable" else {"labels": rule}  # decodable is the default
+    ex = build_stage_example(hand[0], processor, stage, K, **kw)
+    tokens, labels, weights, obs_pos, latent_pos, answer_start = expected(processor, ids, stage, rule)
     assert ex.input_ids.tolist() == tokens.tolist()
     assert ex.labels.tolist() == labels.tolist()
     assert torch.equal(ex.weights(FACTOR), weights)
@@ -89,10 +94,18 @@ def test_hand_sample_tokens_and_targets(processor, ids, hand, stage):
     assert ex.answer_start == answer_start
     lt = ids.latent
     target_ids = set(ex.labels[ex.target_mask].tolist())
-    for never in (lt.pad, lt.end, lt.observation_start, lt.observation_end,
-                  ids.image_pad, ids.vision_start, ids.vision_end):
+    for never in (lt.pad, lt.end, ids.image_pad, ids.vision_end):
         assert never not in target_ids
+    for tag in (lt.observation_start, lt.observation_end):
+        assert (tag in target_ids) == (rule == "decodable")
+    assert (ids.vision_start in target_ids) == (rule == "decodable" and stage != 3)
     assert (lt.start in target_ids) == (stage != 1)
+    # The token after every span END / helper <|vision_end|> is a target iff the rule is decodable.
+    closers = ((ex.input_ids == lt.end) | (ex.input_ids == ids.vision_end)) & (torch.arange(len(ex)) >= ex.answer_start)
+    after = ex.target_mask[1:][closers[:-1]]
+    assert after.numel() >= 1
+    if stage != 2:  # stage 2: the helper image's <|vision_end|> is followed by START (always a target)
+        assert after.all().item() == (rule == "decodable")
     assert not ex.target_mask[:ex.answer_start].any()
     # Emphasised weights only on observation targets, 1 on the others.
     w = ex.weights(FACTOR)
@@ -192,3 +205,30 @@ def test_bad_arguments(processor, hand):
         build_stage_example(hand[0], processor, 4, K)
     with pytest.raises(ValueError, match="latent_size"):
         build_stage_example(hand[0], processor, 2, 0)
+
+
+def test_two_helper_sample_targets_per_rule(processor, ids, hand):
+    """Two helper images: every helper <|vision_start|> (stages 1-2), every START (2-3) and every
+    observation tag is a target under the decodable rule; the two rules differ in exactly those."""
+    lt = ids.latent
+    for stage in (1, 2, 3):
+        dec = build_stage_example(hand[1], processor, stage, K, labels="decodable")
+        res = build_stage_example(hand[1], processor, stage, K, labels="research")
+        assert torch.equal(dec.input_ids, res.input_ids)
+        answer = torch.arange(len(dec)) >= dec.answer_start
+        differ = dec.target_mask != res.target_mask
+        assert not (res.target_mask & ~dec.target_mask).any()  # decodable only adds targets
+        extra = set(dec.input_ids[differ].tolist())
+        assert extra == {lt.observation_start, lt.observation_end} | ({ids.vision_start} if stage != 3 else set())
+        assert int(differ.sum()) == 4 + (2 if stage != 3 else 0)  # 2 observations, 2 helper images
+        helper_vs = (dec.input_ids == ids.vision_start) & answer
+        assert dec.target_mask[helper_vs].all() and int(helper_vs.sum()) == (2 if stage != 3 else 0)
+        question_vs = (dec.input_ids == ids.vision_start) & ~answer
+        assert int(question_vs.sum()) == 2 and not dec.target_mask[question_vs].any()
+        # Observation weights are unchanged by the rule: the tags lie outside observation_mask.
+        assert torch.equal(dec.observation_mask, res.observation_mask)
+
+
+def test_label_rule_is_checked(processor, hand):
+    with pytest.raises(ValueError, match="labels must be one of"):
+        build_stage_example(hand[0], processor, 3, K, labels="other")

@@ -5,11 +5,16 @@ Right padding. ``input_ids`` are padded with the tokenizer's pad id, ``labels`` 
 stage 2 the per-token ``kind``/``step`` metadata comes from :func:`monet.ops.latent_segments`;
 :meth:`StageBatch.stage_attention_mask` turns it into the stage-2 mask with
 :func:`monet.ops.latent_attention_mask`.
+
+A sample that fails to load (:class:`~monet.data.stage_layout.SampleLoadError`, or an ``OSError``
+from reading its files) never stops training and never disappears silently:
+:meth:`StageCollator.load` leaves it out of the batch, records it in ``StageCollator.skipped``
+(sample key and reason, in order) and lists its key in ``StageBatch.skipped``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -19,9 +24,18 @@ from monet.data.stage_layout import (
     DEFAULT_CE_EMPHASIZE,
     IGNORE_INDEX,
     LayoutTokens,
+    SampleLoadError,
     StageExample,
     check_stage,
 )
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample left out of training because it could not be loaded."""
+
+    key: str
+    reason: str
 
 
 @dataclass
@@ -42,6 +56,7 @@ class StageBatch:
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
     kind: torch.Tensor | None = None  # [B, L] int8 (stage 2): monet.ops.KIND_*
     step: torch.Tensor | None = None  # [B, L] int32 (stage 2)
+    skipped: list[str] = field(default_factory=list)  # keys left out of this batch (failed to load)
 
     def to(self, device: torch.device | str) -> "StageBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -89,6 +104,29 @@ class StageCollator:
         self.tokens = tokens
         self.ce_emphasize_factor = ce_emphasize_factor
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.skipped: list[SkippedSample] = []
+
+    def load(self, dataset: Any, indices: Sequence[int]) -> StageBatch | None:
+        """Read ``dataset[i]`` for each index and collate the ones that load.
+
+        A sample whose loading raises :class:`SampleLoadError` or ``OSError`` is appended to
+        :attr:`skipped` (key from the error, else from ``dataset.example(i, with_pixels=False)``
+        or the index) and named in the batch's ``skipped``; other exceptions propagate (they are
+        bugs, not bad data). Returns ``None`` when no sample of ``indices`` loads."""
+        examples, skipped = [], []
+        for i in indices:
+            try:
+                examples.append(dataset[i])
+            except (SampleLoadError, OSError) as e:
+                key = e.key if isinstance(e, SampleLoadError) else _key_of(dataset, i)
+                reason = e.reason if isinstance(e, SampleLoadError) else f"{type(e).__name__}: {e}"
+                skipped.append(SkippedSample(key, reason))
+        self.skipped.extend(skipped)
+        if not examples:
+            return None
+        batch = self(examples)
+        batch.skipped = [s.key for s in skipped]
+        return batch
 
     def __call__(self, examples: Sequence[StageExample]) -> StageBatch:
         if not examples:
@@ -121,3 +159,13 @@ class StageCollator:
             kind, step = ops.latent_segments(ids, am, answer_start, **self.tokens.segment_ids())
         return StageBatch([ex.key for ex in examples], stage, k, ids, am, labels, weights, answer_start,
                           latent, obs, pixel_values, grid, kind, step)
+
+
+def _key_of(dataset: Any, i: int) -> str:
+    """Best-effort key of sample ``i`` for a report (never raises)."""
+    try:
+        if hasattr(dataset, "example"):
+            return dataset.example(i, with_pixels=False).key
+    except Exception:  # the report must not fail where loading already did
+        pass
+    return f"#{i}"

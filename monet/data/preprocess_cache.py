@@ -2,7 +2,7 @@
 
 :func:`preprocess_dataset` writes ``cache_dir/stage{S}-k{K}-{hash}/`` holding safetensors shards
 and a ``manifest.json``. ``hash`` covers everything the result depends on: the samples (their
-JSON and each image file's path, size and mtime), the stage, K, the image budget, the tokenizer,
+JSON and each image file's path, size and mtime), the stage, K, the label rule, the image budget, the tokenizer,
 chat template and image-processor settings, and :data:`CACHE_VERSION`. Any change gives a new
 folder; the same inputs find the finished folder and tokenise nothing.
 
@@ -30,18 +30,20 @@ from monet.atomic import atomic_write_bytes
 from monet.data.image_budget import ImageBudget, stage_budget
 from monet.data.sft_format import SFTSample
 from monet.data.stage_layout import (
+    DEFAULT_LABEL_RULE,
     IGNORE_INDEX,
     ImagePlan,
     LayoutTokens,
     StageExample,
     build_stage_example,
+    check_label_rule,
     check_stage,
     load_pixels,
 )
 from monet.layout import check_latent_size
 
 #: Bump when the stored layout or the tokenisation rules change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: <observation>/</observation>/helper <|vision_start|> are targets
 MANIFEST = "manifest.json"
 
 _TARGET, _OBSERVATION, _LATENT = 1, 2, 4
@@ -223,15 +225,18 @@ def preprocess_dataset(
     shard_size: int = 512,
     max_length: int | None = None,
     with_pixels: bool = True,
+    labels: str = DEFAULT_LABEL_RULE,
 ) -> PreprocessedDataset:
     """Tokenise ``samples`` for ``stage`` into ``cache_dir`` (or reuse an identical earlier run)
-    and return a :class:`PreprocessedDataset` over it. See the module docstring."""
+    and return a :class:`PreprocessedDataset` over it. ``labels`` is the label rule of
+    :mod:`monet.data.stage_layout`. See the module docstring."""
     check_stage(stage)
+    check_label_rule(labels)
     check_latent_size(latent_size)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     budget = budget or stage_budget(stage)
-    settings = {"version": CACHE_VERSION, "stage": stage, "latent_size": latent_size,
+    settings = {"version": CACHE_VERSION, "stage": stage, "latent_size": latent_size, "labels": labels,
                 "budget": asdict(budget), "shard_size": shard_size}
     key = _sha({**settings, "processor": processor_fingerprint(processor),
                 "samples": samples_fingerprint(samples)})
@@ -264,7 +269,7 @@ def preprocess_dataset(
             reused += 1
         else:
             examples = [build_stage_example(x, processor, stage, latent_size, budget=budget,
-                                            with_pixels=False, tokens=tokens) for x in chunk]
+                                            with_pixels=False, tokens=tokens, labels=labels) for x in chunk]
             _atomic_write(path / name, _encode_shard(examples))
             built += 1
         keys += [ex.key for ex in examples]

@@ -1,8 +1,8 @@
 """Load and validate Monet-SFT JSON files; bad samples are reported, never raised.
 
 :func:`load_sft_dataset` returns the valid samples and a :class:`RejectionReport`. A whole file
-that is missing, not JSON or not a list is a :class:`DatasetFileError` naming the path (that is a
-configuration error, not a bad sample).
+that is missing, not JSON, nested too deeply to parse, not a list, or an empty list is a
+:class:`DatasetFileError` naming the path (that is a configuration error, not a bad sample).
 
 Rejection reasons (``REASONS``):
 
@@ -18,8 +18,11 @@ Rejection reasons (``REASONS``):
 * ``observation_unbalanced``: ``<observation>``/``</observation>`` unbalanced or nested (checked
   over the whole assistant turn in order).
 * ``image_in_observation``: a helper image (or its placeholder) inside an observation span.
-* ``image_missing`` / ``image_unreadable``: the file does not exist, or PIL cannot verify it, or
-  its aspect ratio exceeds 200 (Qwen2.5-VL's image processor refuses those).
+* ``image_missing`` / ``image_unreadable``: the file does not exist, or PIL cannot verify *and
+  fully decode* it (a PNG whose chunk checksums are valid but whose compressed pixel data is
+  corrupt passes ``verify`` and fails only on decoding), or its aspect ratio exceeds 200
+  (Qwen2.5-VL's image processor refuses those). Each file is decoded once per process: results
+  are cached by (path, size, mtime), so a changed file is checked again.
 * ``duplicate_id``: the ``dataset_name/sample_id`` key of an already accepted sample.
 """
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -197,16 +201,20 @@ def validate_structure(sample: SFTSample) -> None:
     _check_observations(sample.assistant)
 
 
-def check_image_file(file: Path) -> tuple[tuple[int, int] | None, str | None, str | None]:
-    """``(size, reason, detail)``: the (width, height) of a readable image, else why not."""
+ImageCheck = tuple[tuple[int, int] | None, str | None, str | None]
+_IMAGE_CHECKS: dict[tuple[str, int, int], ImageCheck] = {}
+_IMAGE_CHECKS_LOCK = threading.Lock()
+
+
+def _decode_image_file(file: Path) -> ImageCheck:
     from PIL import Image
 
-    if not file.is_file():
-        return None, "image_missing", f"{file} does not exist"
     try:
         with Image.open(file) as im:
             size = im.size
-            im.verify()
+            im.verify()  # structure and chunk checksums
+        with Image.open(file) as im:  # verify() leaves the image unusable: reopen to decode
+            im.load()  # the pixel data itself (corrupt compressed data only fails here)
     except Exception as e:  # PIL raises many types for corrupt files
         return None, "image_unreadable", f"{file}: {type(e).__name__}: {e}"
     w, h = size
@@ -215,16 +223,43 @@ def check_image_file(file: Path) -> tuple[tuple[int, int] | None, str | None, st
     return size, None, None
 
 
+def check_image_file(file: Path) -> ImageCheck:
+    """``(size, reason, detail)``: the (width, height) of a readable image, else why not.
+
+    The image is verified and fully decoded; the result is cached per process by (path, file
+    size, mtime), so repeated loads of a data set decode each image once."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        st = None
+    if st is None or not Path(file).is_file():
+        return None, "image_missing", f"{file} does not exist"
+    key = (str(file), st.st_size, st.st_mtime_ns)
+    with _IMAGE_CHECKS_LOCK:
+        hit = _IMAGE_CHECKS.get(key)
+    if hit is not None:
+        return hit
+    result = _decode_image_file(Path(file))
+    with _IMAGE_CHECKS_LOCK:
+        _IMAGE_CHECKS[key] = result
+    return result
+
+
 def _read_json_list(path: Path) -> list[Any]:
     if not path.is_file():
         raise DatasetFileError(f"SFT data file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:
+        raise DatasetFileError(f"SFT data file {path} is nested too deeply to parse (a sample is a few "
+                               "levels deep; the file is not in the Monet-SFT format)") from None
     except (OSError, ValueError) as e:
         raise DatasetFileError(f"SFT data file {path} is not readable JSON: {e}") from e
     if not isinstance(data, list):
         raise DatasetFileError(f"SFT data file {path} must hold a JSON list of samples, got {type(data).__name__}")
+    if not data:
+        raise DatasetFileError(f"SFT data file {path} holds no samples (an empty list)")
     return data
 
 
@@ -248,12 +283,13 @@ def load_sft_dataset(
         json_paths: one file or a list of files (each a JSON list of samples).
         image_root: folder the relative image paths are relative to; ``None`` = the folder of each
             JSON file.
-        check_images: open every referenced image once and ``PIL.verify`` it (threads:
-            ``workers``); accepted samples then carry each image's ``size``.
+        check_images: verify and fully decode every referenced image once (threads: ``workers``;
+            cached per process by path, size and mtime); accepted samples then carry each
+            image's ``size``.
 
     Samples keep file order. A sample with a problem is left out and recorded in the report (see
-    the module docstring for reasons); a missing file, invalid JSON or a non-list top level raises
-    :class:`DatasetFileError`.
+    the module docstring for reasons); a missing file, invalid or too deeply nested JSON, a
+    non-list top level or an empty list raises :class:`DatasetFileError`.
     """
     paths = [json_paths] if isinstance(json_paths, (str, os.PathLike)) else list(json_paths)
     if not paths:

@@ -14,12 +14,36 @@ image in stage 2). Text is rendered with the processor's chat template, so the p
 what inference sees.
 
 Targets (``labels``, aligned with ``input_ids`` like Hugging Face labels: the loss at position
-``p`` uses the logits of ``p - 1``; ``-100`` = not a target): every assistant-turn token from
-``answer_start`` up to and including the turn's final ``<|im_end|>``, except image pads,
-vision start/end, latent PAD, END, ``<observation>`` and ``</observation>``. START is a target.
-``observation_mask`` marks the tokens strictly between ``<observation>`` and ``</observation>``
-(the alignment positions of stage 2 and the teacher); their targets get weight
-``ce_emphasize_factor``, other targets 1, non-targets 0 (:meth:`StageExample.weights`).
+``p`` uses the logits of ``p - 1``; ``-100`` = not a target). Only assistant-turn tokens from
+``answer_start`` up to and including the turn's final ``<|im_end|>`` can be targets (the ``\n``
+after it is never generated: decoding stops at ``<|im_end|>``). Which of them, is the label rule:
+
+* ``"decodable"`` (default). A token is a target iff the model itself must emit it when the
+  sequence is decoded; tokens that something else puts there are not. Per stage:
+
+  - stage 1 (the assistant turn holds real helper images; an image-inserting decoder puts the
+    image in when the model asks for it): the ``<|vision_start|>`` that opens a helper image is a
+    target (the model must produce it right after the reasoning text); the image pads and
+    ``<|vision_end|>`` are inserted with the image, so they are not.
+  - stage 2 (``text V START PAD*K END``): as stage 1 for ``V``; START is a target (the model opens
+    the span after the image); the K PADs and END are forced by the latent decoder
+    (:meth:`monet.layout.SpanLayout.advance`), so they are not.
+  - stage 3 (``text START PAD*K END``): START is a target, PAD and END are not (forced), exactly
+    what :func:`monet.generate` does.
+  - every stage: ``<observation>`` and ``</observation>`` are ordinary emitted tokens, so they are
+    targets. In particular the token right after a span's END (or after a helper image's
+    ``<|vision_end|>``) is a target: the logits at END are trained, and every later token is
+    conditioned on a token the model can actually produce.
+
+* ``"research"``: the targets of the original research code, kept for fidelity: as above, but
+  ``<observation>``, ``</observation>`` and ``<|vision_start|>`` are never targets. The logits at
+  a span's END position (and, in stages 1-2, after the reasoning text) are then never trained,
+  so a model trained this way cannot decode its own training sequences.
+
+START is a target under both rules. ``observation_mask`` marks the tokens strictly between
+``<observation>`` and ``</observation>`` (the alignment positions of stage 2 and the teacher;
+the tags themselves are not inside); their targets get weight ``ce_emphasize_factor``, other
+targets 1, non-targets 0 (:meth:`StageExample.weights`).
 """
 
 from __future__ import annotations
@@ -36,6 +60,9 @@ from monet.tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentTokenIds
 
 IGNORE_INDEX = -100
 STAGES = (1, 2, 3)
+#: Label rules (module docstring); the first is the default.
+LABEL_RULES: tuple[str, ...] = ("decodable", "research")
+DEFAULT_LABEL_RULE = "decodable"
 
 #: ``ce_emphasize_factor`` defaults: SPEC gives 2 (stage 1) and 4 (stage 2); stage 3 is not
 #: specified there and follows stage 2.
@@ -46,10 +73,28 @@ VISION_END = "<|vision_end|>"
 IM_END = "<|im_end|>"
 
 
+class SampleLoadError(ValueError):
+    """One sample cannot be turned into model inputs (e.g. an image that no longer decodes).
+
+    Raised per sample on the training data path so callers can skip exactly that sample and
+    report it: ``key`` is the sample's ``dataset_name/sample_id``, ``reason`` what went wrong."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 def check_stage(stage: int) -> int:
     if stage not in STAGES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     return int(stage)
+
+
+def check_label_rule(labels: str) -> str:
+    if labels not in LABEL_RULES:
+        raise ValueError(f"labels must be one of {LABEL_RULES} (see monet.data.stage_layout), got {labels!r}")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -80,6 +125,13 @@ class LayoutTokens:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return cls(image_token, tid(image_token), tid(VISION_START), tid(VISION_END), tid(IM_END, False),
                    int(pad), LatentTokenIds.from_tokenizer(tok))
+
+    def non_targets(self, labels: str) -> list[int]:
+        """Token ids never made targets under label rule ``labels`` (module docstring)."""
+        forced = [self.image_pad, self.vision_end, self.latent.pad, self.latent.end]
+        if check_label_rule(labels) == "research":
+            forced += [self.vision_start, self.latent.observation_start, self.latent.observation_end]
+        return forced
 
     def segment_ids(self) -> dict[str, int]:
         """Keyword arguments for :func:`monet.ops.latent_segments`."""
@@ -222,8 +274,10 @@ def build_stage_example(
     budget: ImageBudget | None = None,
     with_pixels: bool = True,
     tokens: LayoutTokens | None = None,
+    labels: str = DEFAULT_LABEL_RULE,
 ) -> StageExample:
-    """Tokenise a validated sample for ``stage`` (see the module docstring for the layout).
+    """Tokenise a validated sample for ``stage`` (see the module docstring for the layout and
+    for the label rules ``labels``: ``"decodable"`` or ``"research"``).
 
     ``budget`` defaults to :data:`monet.data.image_budget.STAGE_BUDGETS` of the stage. With
     ``with_pixels=False`` only image headers are read (grids are computed exactly as the image
@@ -231,6 +285,7 @@ def build_stage_example(
     """
     check_stage(stage)
     check_latent_size(latent_size)
+    check_label_rule(labels)
     budget = budget or stage_budget(stage)
     tokens = tokens or LayoutTokens.from_processor(processor)
     prompt_turns = [(t.role, list(t.content)) for t in sample.turns[:-1]]
@@ -263,10 +318,9 @@ def build_stage_example(
         if ends.numel():
             end = int(ends[-1]) + 1
     in_answer = (pos >= answer_start) & (pos < end)
-    excluded = torch.tensor([tokens.image_pad, tokens.vision_start, tokens.vision_end, lt.pad, lt.end,
-                             lt.observation_start, lt.observation_end])
-    target = in_answer & ~torch.isin(input_ids, excluded)
-    labels = torch.where(target, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    # Only assistant-turn tokens can be targets, so the question images' <|vision_start|> never is.
+    target = in_answer & ~torch.isin(input_ids, torch.tensor(tokens.non_targets(labels)))
+    label_ids = torch.where(target, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     obs_open = (input_ids == lt.observation_start).long().cumsum(0)
     obs_close = (input_ids == lt.observation_end).long().cumsum(0)
     observation_mask = ((obs_open - obs_close) > 0) & (input_ids != lt.observation_start) & in_answer
@@ -275,14 +329,17 @@ def build_stage_example(
     n_pads = int((input_ids == tokens.image_pad).sum())
     if n_pads != sum(counts):
         raise ValueError(f"{sample.key}: {n_pads} image pad tokens but the images need {sum(counts)}")
-    example = StageExample(sample.key, stage, latent_size, input_ids, labels, observation_mask,
+    example = StageExample(sample.key, stage, latent_size, input_ids, label_ids, observation_mask,
                            latent_mask, answer_start, plans)
     return load_pixels(example, processor) if with_pixels else example
 
 
 def load_pixels(example: StageExample, processor: Any) -> StageExample:
     """Return ``example`` with ``pixel_values``/``image_grid_thw`` computed by the processor's
-    image processor (one call per image, each with its own token cap)."""
+    image processor (one call per image, each with its own token cap).
+
+    Raises :class:`SampleLoadError` (naming the sample and the file) when an image cannot be
+    opened or decoded, or no longer gives the planned grid."""
     if not example.images:
         return replace(example, pixel_values=None, image_grid_thw=None)
     from PIL import Image
@@ -291,14 +348,17 @@ def load_pixels(example: StageExample, processor: Any) -> StageExample:
     geo = ProcessorGeometry.from_image_processor(ip)
     pixels, grids = [], []
     for plan in example.images:
-        with Image.open(plan.file) as im:
-            rgb = im.convert("RGB")
+        try:
+            with Image.open(plan.file) as im:
+                rgb = im.convert("RGB")
+        except Exception as e:  # OSError, SyntaxError, zlib/decompression errors, ... from PIL
+            raise SampleLoadError(example.key, f"cannot decode image {plan.file}: {type(e).__name__}: {e}") from e
         out = ip(images=[rgb], return_tensors="pt",
                  size={"shortest_edge": geo.min_pixels, "longest_edge": plan.max_tokens * geo.pixels_per_token})
         grid = tuple(int(x) for x in out["image_grid_thw"][0])
         if grid != tuple(plan.grid_thw):
-            raise ValueError(f"{example.key}: image {plan.file} now gives grid {grid}, planned "
-                             f"{tuple(plan.grid_thw)} (file changed since preprocessing?)")
+            raise SampleLoadError(example.key, f"image {plan.file} now gives grid {grid}, planned "
+                                  f"{tuple(plan.grid_thw)} (file changed since preprocessing?)")
         pixels.append(out["pixel_values"])
         grids.append(out["image_grid_thw"])
     return replace(example, pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids).long())

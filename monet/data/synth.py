@@ -156,6 +156,17 @@ def _sample_json(scene: _Scene, sample_id: str, scene_path: str, helper_path: st
 _atomic_write_bytes = atomic_write_bytes
 
 
+def check_output_dir(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` when it (or a parent) exists but is not a directory."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "the output directory" if p == path else f"a parent of the output directory {path}"
+                raise ValueError(f"{p} exists and is not a directory (it was given as {what}); "
+                                 "choose another --out")
+            return
+
+
 def _png_bytes(img) -> bytes:
     import io
 
@@ -192,6 +203,7 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: in
     if n < 0 or n_eval < 0:
         raise ValueError(f"n and n_eval must be >= 0, got {n}, {n_eval}")
     out = Path(out_dir)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     train = [_random_scene(random.Random(f"monet-synth/{seed}/train/{i}")) for i in range(n)]
     seen = {s.signature() for s in train}

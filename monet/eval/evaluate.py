@@ -1,14 +1,28 @@
 """Held-out evaluation of a checkpoint on a Monet-SFT-format file with :func:`monet.generate`.
 
-The prompt is the sample's system + user turns; the reference answer is the ``\\boxed{}`` of its
-assistant turn. Latent diagnostics: the share of answers that used at least one latent span and
-the mean pairwise cosine similarity of the latent vectors across answers (near 1 means the
-latents carry no sample-specific information).
+The file is read and validated with :func:`monet.data.sft_loader.load_sft_dataset` (rejected
+samples are counted in the report, not scored). The prompt of a sample is its system + user turns,
+rendered exactly as in training (same chat template, same image token counts): images are sized
+with the same token budget as training (:mod:`monet.data.image_budget`; default: the stage-3
+budget, the layout whose prompts have only the question images), not with the processor's own
+default maximum. The reference answer is the ``\\boxed{}`` of the assistant turn.
+
+``helper_images=True`` evaluates a model trained with helper images in its answer (stage 1):
+whenever the model emits ``<|vision_start|>`` in its answer, the sample's next reference helper
+image is inserted (``<|vision_start|>`` image ``<|vision_end|>``) and decoding continues, like the
+image-inserting decoder stage 1 is trained for (see :mod:`monet.data.stage_layout`). Without it, a
+stage-1 model never sees the image it asks for and its answer after that point is meaningless.
+The generated text of each round is passed on as prompt text (re-tokenised), and
+``max_new_tokens`` bounds the answer over all rounds.
+
+Latent diagnostics: the share of answers that used at least one latent span and the mean pairwise
+cosine similarity of the latent vectors across answers (near 1 means the latents carry no
+sample-specific information).
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from monet.data.image_budget import ImageBudget, ProcessorGeometry, stage_budget
 from monet.eval.answers import extract_boxed, normalize_answer
+from monet.render import render_latent_text
+from monet.tokens import LatentTokenIds
+
+VISION_START = "<|vision_start|>"
+HELPER_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass
@@ -28,25 +48,13 @@ class EvalReport:
     mean_latent_spans: float
     mean_pairwise_latent_cosine: float | None
     answered: float  # share of answers with a \boxed{}
+    rejected: int = 0  # samples of the file that failed validation (not scored)
+    helper_images: bool = False
+    mean_helper_images: float = 0.0  # helper images inserted per answer (helper_images=True)
     samples: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _prompt_messages(raw: dict, image_root: Path) -> tuple[list[dict], str | None]:
-    turns = raw["data"]
-    messages = []
-    for turn in turns[:-1]:
-        content = []
-        for item in turn["content"]:
-            if item.get("type") == "image":
-                content.append({"type": "image", "image": str(image_root / item["image"])})
-            else:
-                content.append({"type": "text", "text": item.get("text", "")})
-        messages.append({"role": turn["role"], "content": content})
-    answer_text = "".join(i.get("text", "") for i in turns[-1]["content"] if i.get("type") == "text")
-    return messages, extract_boxed(answer_text)
 
 
 def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> float | None:
@@ -57,6 +65,129 @@ def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> float | None:
     sim = x @ x.t()
     n = x.shape[0]
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def eval_processor(processor: Any, budget: ImageBudget) -> Any:
+    """A shallow copy of ``processor`` whose image processor caps each image at
+    ``budget.per_image`` tokens (training's per-image cap) instead of its own default maximum."""
+    ip = processor.image_processor
+    geo = ProcessorGeometry.from_image_processor(ip)
+    ip2 = copy.deepcopy(ip)
+    ip2.size = {"shortest_edge": geo.min_pixels, "longest_edge": budget.per_image * geo.pixels_per_token}
+    out = copy.copy(processor)
+    out.image_processor = ip2
+    return out
+
+
+def prompt_images(sample: Any, processor: Any, budget: ImageBudget) -> list:
+    """The question images of ``sample`` as model inputs sized like training: a path when the
+    budget-capped processor (:func:`eval_processor`) already gives the planned grid, else the
+    image resized (bicubic) to the planned size (only when the total budget scales images down)."""
+    from PIL import Image
+
+    from monet.data.stage_layout import plan_images
+
+    geo = ProcessorGeometry.from_image_processor(processor.image_processor)
+    plans = plan_images([(im, "question") for im in sample.question_images], processor, budget)
+    out = []
+    for im, plan in zip(sample.question_images, plans):
+        if im.size is not None:
+            w, h = im.size
+        else:
+            with Image.open(im.file) as pil:
+                w, h = pil.size
+        if geo.grid(w, h, budget.per_image) == tuple(plan.grid_thw):
+            out.append(str(im.file))
+        else:
+            _, gh, gw = plan.grid_thw
+            with Image.open(im.file) as pil:
+                out.append(pil.convert("RGB").resize((gw * geo.patch_size, gh * geo.patch_size),
+                                                     Image.Resampling.BICUBIC))
+    return out
+
+
+def prompt_messages(sample: Any, images: list) -> list[dict]:
+    """Chat messages of the sample's turns before the assistant turn (``images`` in order)."""
+    from monet.data.sft_format import ImageItem
+
+    it = iter(images)
+    return [{"role": t.role,
+             "content": [{"type": "image", "image": next(it)} if isinstance(c, ImageItem)
+                         else {"type": "text", "text": c.text} for c in t.content]}
+            for t in sample.turns[:-1]]
+
+
+def _reference(sample: Any) -> str | None:
+    from monet.data.sft_format import TextItem
+
+    return extract_boxed("".join(c.text for c in sample.assistant.content if isinstance(c, TextItem)))
+
+
+@dataclass
+class _Answer:
+    text: str = ""
+    rendered: str = ""
+    latents: list = field(default_factory=list)
+    latent_spans: int = 0
+    tokens: int = 0
+    helpers: int = 0
+
+
+def _generate(model, processor, samples, images, *, helper_images, max_new_tokens, gen_kw) -> list[_Answer]:
+    """Answers for a chunk of samples, inserting reference helper images when asked for."""
+    from monet.model.decoding import generate
+    from monet.model.requests import LatentRequest
+
+    answers = [_Answer() for _ in samples]
+    if not helper_images:
+        outs = generate(model, processor, [{"messages": prompt_messages(s, im)} for s, im in zip(samples, images)],
+                        max_new_tokens=max_new_tokens, return_latents=True, **gen_kw)
+        for a, o in zip(answers, outs):
+            a.text, a.rendered, a.latent_spans, a.tokens = o.text, o.rendered, o.num_latent_spans, len(o.token_ids)
+            if o.latents is not None and o.latents.shape[0]:
+                a.latents.append(o.latents)
+        return answers
+
+    tok = processor.tokenizer
+    lt = getattr(getattr(model, "monet_config", None), "token_ids", None) or LatentTokenIds.from_tokenizer(tok)
+    vs_id = tok.convert_tokens_to_ids(VISION_START)
+    prompts = [processor.apply_chat_template(prompt_messages(s, im), add_generation_prompt=True, tokenize=False)
+               for s, im in zip(samples, images)]
+    prompts = [p[0] if isinstance(p, list) else p for p in prompts]
+    imgs = [list(im) for im in images]
+    active = list(range(len(samples)))
+    while active:
+        left = {i: max_new_tokens - answers[i].tokens for i in active}
+        outs = generate(model, processor, [LatentRequest(prompt=prompts[i], images=list(imgs[i]), raw_prompt=True)
+                                           for i in active], max_new_tokens=max(left.values()),
+                        return_latents=True, **gen_kw)
+        still = []
+        for i, o in zip(active, outs):
+            a, ids = answers[i], o.token_ids[:left[i]]
+            helpers = samples[i].helper_images
+            if vs_id in ids and a.helpers < len(helpers):
+                # The model asks for an image: keep its answer up to there, insert the next reference
+                # helper image, continue from <|vision_end|>. (Spans before the cut are re-tokenised
+                # as text, so helper mode is for models that answer without latents: stage 1.)
+                ids = ids[:ids.index(vs_id)]
+                piece = tok.decode(ids, skip_special_tokens=False)
+                prompts[i] += piece + HELPER_SLOT
+                imgs[i].append(str(helpers[a.helpers].file))
+                a.text += tok.decode(ids, skip_special_tokens=True)
+                a.rendered += piece + "[helper image]"
+                a.tokens += len(ids) + 1  # + the emitted <|vision_start|>
+                a.helpers += 1
+                still.append(i)
+                continue
+            whole = len(ids) == len(o.token_ids)
+            a.text += o.text if whole else tok.decode(ids, skip_special_tokens=True)
+            a.rendered += o.rendered if whole else render_latent_text(tok, ids, lt)
+            a.latent_spans += o.num_latent_spans
+            a.tokens += len(ids)
+            if o.latents is not None and o.latents.shape[0]:
+                a.latents.append(o.latents)
+        active = still
+    return answers
 
 
 def evaluate_sft_file(
@@ -71,32 +202,39 @@ def evaluate_sft_file(
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    image_budget: ImageBudget | None = None,
+    helper_images: bool = False,
 ) -> EvalReport:
-    """Greedy-decode every sample's prompt and score its ``\\boxed{}`` answer."""
-    from monet.model.decoding import generate
+    """Greedy-decode every valid sample's prompt and score its ``\\boxed{}`` answer.
+
+    ``image_budget`` (default: the stage-3 training budget) sizes the question images as training
+    does; ``helper_images`` inserts the reference helper images when the model asks for them
+    (module docstring)."""
+    from monet.data.sft_loader import load_sft_dataset
 
     path = Path(eval_json)
     if not path.is_file():
         raise FileNotFoundError(f"eval file not found: {path}")
-    root = Path(image_root) if image_root is not None else path.parent
-    raws = json.loads(path.read_text())
+    samples, report = load_sft_dataset(path, image_root)
     if limit is not None:
-        raws = raws[:limit]
-    prompts = [_prompt_messages(r, root) for r in raws]
+        samples = samples[:limit]
+    budget = image_budget or stage_budget(3)
+    proc = eval_processor(processor, budget)
+    gen_kw = dict(latent_size=latent_size, layout=layout)
     rows, latent_means = [], []
-    for s in tqdm(range(0, len(prompts), batch_size), desc="eval", disable=not progress):
-        chunk = prompts[s:s + batch_size]
-        outs = generate(model, processor, [{"messages": m} for m, _ in chunk], max_new_tokens=max_new_tokens,
-                        latent_size=latent_size, layout=layout, return_latents=True)
-        for (_, ref), raw, out in zip(chunk, raws[s:s + batch_size], outs):
-            pred = extract_boxed(out.text)
+    for s in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
+        chunk = samples[s:s + batch_size]
+        images = [prompt_images(x, processor, budget) for x in chunk]
+        answers = _generate(model, proc, chunk, images, helper_images=helper_images,
+                            max_new_tokens=max_new_tokens, gen_kw=gen_kw)
+        for sample, a in zip(chunk, answers):
+            ref = _reference(sample)
+            pred = extract_boxed(a.text)
             ok = pred is not None and normalize_answer(pred) == normalize_answer(ref)
-            if out.latents is not None and out.latents.shape[0]:
-                latent_means.append(out.latents.mean(0))
-            meta = raw.get("metadata", {})
-            rows.append({"key": f"{meta.get('dataset_name')}/{meta.get('sample_id')}", "reference": ref,
-                         "prediction": pred, "correct": ok, "latent_spans": out.num_latent_spans,
-                         "output": out.rendered})
+            if a.latents:
+                latent_means.append(torch.cat(a.latents).mean(0))
+            rows.append({"key": sample.key, "reference": ref, "prediction": pred, "correct": ok,
+                         "latent_spans": a.latent_spans, "helper_images": a.helpers, "output": a.rendered})
     n = len(rows)
     return EvalReport(
         n=n,
@@ -105,5 +243,8 @@ def evaluate_sft_file(
         mean_latent_spans=sum(r["latent_spans"] for r in rows) / max(n, 1),
         mean_pairwise_latent_cosine=mean_pairwise_cosine(latent_means),
         answered=sum(r["prediction"] is not None for r in rows) / max(n, 1),
+        rejected=report.rejected,
+        helper_images=helper_images,
+        mean_helper_images=sum(r["helper_images"] for r in rows) / max(n, 1),
         samples=rows,
     )

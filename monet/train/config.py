@@ -58,6 +58,9 @@ class SFTConfig:
     seed: int = 0
     # losses
     ce_emphasize_factor: float | None = None  # None: 2 (stage 1) / 4 (stages 2-3)
+    # which tokens are CE targets (monet.data.stage_layout): "decodable" (every token the decoder must
+    # emit itself, incl. <observation> after a span) or "research" (the original code's targets)
+    labels: str = "decodable"
     ce_chunk_size: int = 1024
     alignment_weight: float = 2.0
     emphasize_latent_weight: float = 2.0
@@ -93,6 +96,8 @@ class SFTConfig:
                              f"`monet precompute teacher-{'reps' if self.stage == 2 else 'latents'}`)")
         if self.stage > 1 and self.teacher == "online" and not self.teacher_model:
             raise ValueError(f"stage {self.stage} with teacher='online' needs teacher_model")
+        if self.labels not in ("decodable", "research"):
+            raise ValueError(f"labels must be 'decodable' or 'research', got {self.labels!r}")
         if self.alignment_axis not in ("hidden", "token"):
             raise ValueError(f"alignment_axis must be 'hidden' or 'token', got {self.alignment_axis!r}")
         if self.latent_backward not in ("auto", "nested", "joint"):

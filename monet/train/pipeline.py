@@ -34,7 +34,7 @@ def load_stage_dataset(cfg: SFTConfig, processor: Any, stage: int, *, printer: C
         raise ValueError(f"no usable samples in {cfg.data} (all {report.total} rejected)")
     cache = cfg.cache_dir or str(Path(cfg.output_dir) / "cache")
     budget = stage_image_budget(stage, cfg.max_image_tokens_total, cfg.max_image_tokens_per_image)
-    return preprocess_dataset(samples, processor, stage, cfg.latent_size, cache, budget=budget)
+    return preprocess_dataset(samples, processor, stage, cfg.latent_size, cache, budget=budget, labels=cfg.labels)
 
 
 def _device(device: str | torch.device | None) -> torch.device:

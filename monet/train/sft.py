@@ -264,6 +264,7 @@ class SFTTrainer:
         self.step, self.epoch, self.micro_index = 0, 0, 0
         self.nonfinite_streak = self.nonfinite_total = 0
         self.resumed_from: Path | None = None
+        self._skips_reported = 0
         self.metrics = MetricsLogger(cfg.output_dir, every=cfg.log_every, enabled=self.dist.is_main,
                                      tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                      run_config=dataclasses.asdict(cfg), printer=self.printer)
@@ -381,7 +382,12 @@ class SFTTrainer:
 
     # -- training ------------------------------------------------------------------------------
     def _batch(self, idx: list[int]) -> StageBatch:
-        batch = self.collate([self.examples[i] for i in idx])
+        # Samples that fail to load are skipped and recorded in self.collate.skipped (logged in train()).
+        batch, tries = self.collate.load(self.examples, idx), 1
+        while batch is None:  # no sample of this micro-batch loaded: take the next one
+            if tries > self.micro_per_epoch:
+                raise RuntimeError(f"no training sample loads (a whole epoch failed); last: {self.collate.skipped[-3:]}")
+            batch, tries = self.collate.load(self.examples, self._next_indices()), tries + 1
         if batch.stage != self.cfg.stage:
             raise ValueError(f"examples are stage {batch.stage} layouts but the config trains stage {self.cfg.stage}")
         return batch.to(self.device)
@@ -533,6 +539,10 @@ class SFTTrainer:
                 row["grad_norm"] = out.grad_norm
             if out.skipped:
                 row["skipped"] = True
+            row["skipped_samples"] = len(self.collate.skipped)  # cumulative; ids printed as they occur
+            for sk in self.collate.skipped[self._skips_reported:]:
+                self.printer(f"skipped sample {sk.key}: {sk.reason}")
+            self._skips_reported = len(self.collate.skipped)
             self.metrics.log(self.step, row)
             self._count_nonfinite(out)
             bar.update(1)
@@ -545,7 +555,9 @@ class SFTTrainer:
         summary = {"stage": cfg.stage, "steps": self.step, "seconds": time.perf_counter() - t0,
                    "checkpoint": str(final) if final else None,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                   "skipped_steps": self.nonfinite_total, "metrics": self.metrics.summary(),
+                   "skipped_steps": self.nonfinite_total,
+                   "skipped_samples": [dataclasses.asdict(sk) for sk in self.collate.skipped],
+                   "metrics": self.metrics.summary(),
                    "replica_checksums": self.replica_checksums()}
         if len(set(summary["replica_checksums"])) > 1:
             raise RuntimeError(f"data-parallel replicas diverged: weight checksums {summary['replica_checksums']}")
@@ -563,4 +575,8 @@ def format_summary(summary: dict) -> str:
     for k, v in summary["metrics"].items():
         if k in ("loss", "ce", "alignment", "grad_norm"):
             lines.append(f"  {k:<10} first {v['first']:.4f}  last {v['last']:.4f}  mean {v['mean']:.4f}")
+    if summary.get("skipped_samples"):
+        keys = [s["key"] for s in summary["skipped_samples"]]
+        lines.append(f"  skipped {len(keys)} sample loads (could not be loaded): {', '.join(keys[:10])}"
+                     + (" ..." if len(keys) > 10 else ""))
     return "\n".join(lines)
