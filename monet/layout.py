@@ -114,6 +114,11 @@ class SpanLayout:
         return self.latent_size + 1 if self.monet_v1 else self.latent_size + 2
 
     @property
+    def num_pads(self) -> int:
+        """PAD tokens in one span (standard: K; monet-v1: K - 1)."""
+        return self.span_length - 2
+
+    @property
     def first_latent_offset(self) -> int:
         """Offset from START's position to the first position that takes a latent input."""
         return 0 if self.monet_v1 else 1
@@ -180,21 +185,3 @@ def layout_from_mapping(d: Mapping[str, Any], *, default: SpanLayout | None = No
         return SpanLayout.of(d.get("latent_size"), d.get("layout"), default=default)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}" if where else str(e)) from None
-
-
-# Transitional single-value checks (the CLI validates flags with them); everything else takes a SpanLayout.
-def check_latent_size(latent_size: Any) -> int:
-    """Return ``latent_size`` as int, or raise a clear error when it is not >= 1."""
-    return _parse_latent_size(latent_size)
-
-
-def check_layout(layout: Any) -> str:
-    return _parse_kind(layout)
-
-
-def is_monet_v1(layout: str) -> bool:
-    return check_layout(layout) == "monet-v1"
-
-
-def counter_for_prompt_ending_in_start(latent_size: int) -> int:  # removed once both engines strip START
-    return latent_size + 1

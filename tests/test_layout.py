@@ -36,6 +36,7 @@ def test_counter_values_by_hand(K):
     assert (std.counter_on_start, v1.counter_on_start) == (K + 1, K)
     assert (std.span_length, v1.span_length) == (K + 2, K + 1)
     assert (std.first_latent_offset, v1.first_latent_offset) == (1, 0)
+    assert (std.num_pads, v1.num_pads) == (K, K - 1)
     for lay in (std, v1):
         assert [lay.is_latent_input(r) for r in (FORCE_START, 0, 1, K, K + 1)] == [False, False, True, True, False]
         assert lay.is_latent_input(torch.tensor([-1, 0, 1, K, K + 1])).tolist() == [False, False, True, True, False]

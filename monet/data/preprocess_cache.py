@@ -40,7 +40,7 @@ from monet.data.stage_layout import (
     check_stage,
     load_pixels,
 )
-from monet.layout import check_latent_size
+from monet.layout import SpanLayout
 
 #: Bump when the stored layout or the tokenisation rules change.
 CACHE_VERSION = 2  # 2: <observation>/</observation>/helper <|vision_start|> are targets
@@ -232,7 +232,7 @@ def preprocess_dataset(
     :mod:`monet.data.stage_layout`. See the module docstring."""
     check_stage(stage)
     check_label_rule(labels)
-    check_latent_size(latent_size)
+    SpanLayout(latent_size)  # validates
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     budget = budget or stage_budget(stage)

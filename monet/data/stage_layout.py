@@ -55,7 +55,7 @@ import torch
 
 from monet.data.image_budget import ImageBudget, ProcessorGeometry, plan_image_tokens, stage_budget
 from monet.data.sft_format import PLACEHOLDER, ImageItem, SFTSample, TextItem, Turn
-from monet.layout import check_latent_size
+from monet.layout import SpanLayout
 from monet.tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentTokenIds
 
 IGNORE_INDEX = -100
@@ -206,8 +206,8 @@ def _strip_placeholder(text: str) -> str:
     return body[: -len(PLACEHOLDER)]
 
 
-def _assistant_items(turn: Turn, stage: int, latent_size: int) -> list[TextItem | ImageItem]:
-    block = LATENT_START + LATENT_PAD * latent_size + LATENT_END
+def _assistant_items(turn: Turn, stage: int, span: SpanLayout) -> list[TextItem | ImageItem]:
+    block = LATENT_START + LATENT_PAD * span.num_pads + LATENT_END
     items: list[TextItem | ImageItem] = []
     content = turn.content
     for i, c in enumerate(content):
@@ -284,12 +284,12 @@ def build_stage_example(
     processor will); call :func:`load_pixels` later.
     """
     check_stage(stage)
-    check_latent_size(latent_size)
+    span = SpanLayout(latent_size)  # SFT trains the standard layout
     check_label_rule(labels)
     budget = budget or stage_budget(stage)
     tokens = tokens or LayoutTokens.from_processor(processor)
     prompt_turns = [(t.role, list(t.content)) for t in sample.turns[:-1]]
-    answer_items = _assistant_items(sample.assistant, stage, latent_size)
+    answer_items = _assistant_items(sample.assistant, stage, span)
 
     images = [(c, "question") for _, items in prompt_turns for c in items if isinstance(c, ImageItem)]
     images += [(c, "helper") for c in answer_items if isinstance(c, ImageItem)]
@@ -324,7 +324,7 @@ def build_stage_example(
     obs_open = (input_ids == lt.observation_start).long().cumsum(0)
     obs_close = (input_ids == lt.observation_end).long().cumsum(0)
     observation_mask = ((obs_open - obs_close) > 0) & (input_ids != lt.observation_start) & in_answer
-    latent_mask = (input_ids == lt.pad) & (pos >= answer_start)
+    latent_mask = span.latent_input_mask(input_ids, start_id=lt.start) & (pos >= answer_start)
 
     n_pads = int((input_ids == tokens.image_pad).sum())
     if n_pads != sum(counts):
