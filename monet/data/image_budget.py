@@ -32,7 +32,7 @@ class ImageBudget:
             raise ValueError(f"image token budgets must be >= 1, got {self}")
 
 
-#: SPEC section 5 defaults (tokens of 28x28 pixels).
+#: The paper's per-stage defaults (tokens of 28x28 pixels).
 STAGE_BUDGETS: dict[int, ImageBudget] = {
     1: ImageBudget(total=2000, per_image=1280),
     2: ImageBudget(total=1500, per_image=1280),

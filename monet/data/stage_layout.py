@@ -64,7 +64,7 @@ STAGES = (1, 2, 3)
 LABEL_RULES: tuple[str, ...] = ("decodable", "research")
 DEFAULT_LABEL_RULE = "decodable"
 
-#: ``ce_emphasize_factor`` defaults: SPEC gives 2 (stage 1) and 4 (stage 2); stage 3 is not
+#: ``ce_emphasize_factor`` defaults: the paper uses 2 (stage 1) and 4 (stage 2); stage 3 is not
 #: specified there and follows stage 2.
 DEFAULT_CE_EMPHASIZE: dict[int, float] = {1: 2.0, 2: 4.0, 3: 4.0}
 

@@ -23,7 +23,7 @@ from monet.data.stage_layout import DEFAULT_CE_EMPHASIZE
 
 @dataclass
 class SFTConfig:
-    """Settings of one SFT stage (SPEC section 5). Paths may be relative to the YAML file.
+    """Settings of one SFT stage (docs/design.md, section 4). Paths may be relative to the YAML file.
 
     ``teacher``: ``"store"`` reads precomputed states from ``teacher_store``; ``"online"`` runs
     ``teacher_model`` (stage 2: the stage-1 model on the stage-1 layout; stage 3: the stage-2 model

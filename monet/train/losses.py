@@ -1,4 +1,4 @@
-"""SFT losses (SPEC section 5): weighted CE without full-vocabulary logits, alignment, and the
+"""SFT losses (docs/design.md, section 4): weighted CE without full-vocabulary logits, alignment, and the
 latent-only routing of the stage-2 alignment gradient.
 
 Shapes: B batch, L length, D hidden, V vocabulary, M target positions, P aligned positions.
@@ -64,7 +64,7 @@ def weighted_ce_sum(
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, axis: AlignmentAxis = "hidden") -> torch.Tensor:
     """Mean of ``1 - cos(teacher, student)`` over layers and positions, fp32.
 
-    ``student``/``teacher``: [layers, P, D]. ``axis="hidden"`` (default, SPEC) takes the cosine over
+    ``student``/``teacher``: [layers, P, D]. ``axis="hidden"`` (default) takes the cosine over
     the hidden dimension per (layer, position); ``axis="token"`` reproduces the research code, which
     took it over the token axis per (layer, hidden unit).
     """

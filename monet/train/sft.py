@@ -1,4 +1,4 @@
-"""SFT trainer for the three Monet stages (SPEC section 5).
+"""SFT trainer for the three Monet stages (docs/design.md, section 4).
 
 Per micro-batch: the latent training forward (:func:`monet.model.training.latent_forward`),
 weighted CE (fp32, chunked), and the stage's alignment term:
