@@ -1,0 +1,112 @@
+"""Trainer -> engine weight sync in memory, and a probe that the two agree afterwards.
+
+After each optimiser step the rollout engine must decode with the updated policy. The trainer's
+parameters (Hugging Face names, e.g. ``model.language_model.layers.0.mlp.up_proj.weight``) go to
+every vLLM worker through ``collective_rpc("monet_load_weights", ...)``
+(:meth:`monet.vllm.worker.LatentWorker.monet_load_weights`), which calls the served model's own
+``load_weights`` (name mapping, fused/sharded layouts); then the engine's prefix cache is reset
+(its KV was computed with the old weights). Nothing is written to disk.
+
+Only parameters that train (``requires_grad``) are sent by default: the engine was started from
+the same checkpoint, so frozen ones (e.g. the vision tower) are already equal.
+
+:func:`probe_agreement` checks the result: the engine and the trainer's model decode the same probe
+requests greedily (engine vs ``monet.generate``); tokens must match exactly and the latents to a
+tolerance. Run it with fp32 models for a bitwise-meaningful check (bf16 kernels differ).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+def named_weights(model: Any, *, trainable_only: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]``: detached, contiguous CPU copies of the model's parameters (HF names)."""
+    out = []
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        out.append((name, p.detach().to("cpu", copy=True).contiguous()))
+    if not out:
+        raise ValueError("the model has no trainable parameters to sync")
+    return out
+
+
+def weights_nbytes(weights: Sequence[tuple[str, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in weights)
+
+
+@dataclass
+class SyncReport:
+    """``tensors`` sent, ``bytes`` sent, ``loaded`` (parameters the first worker wrote), ``seconds``."""
+
+    tensors: int
+    bytes: int
+    loaded: int
+    seconds: float
+
+
+def load_into_engine(engine: Any, weights: Sequence[tuple[str, torch.Tensor]]) -> SyncReport:
+    """Load ``weights`` into a :class:`monet.vllm.LatentLLM` (all workers) and reset its prefix cache.
+
+    A :class:`~monet.rl.rollout.HFRolloutEngine` shares the trainer's model: nothing to do."""
+    from monet.rl.rollout import HFRolloutEngine
+
+    t0 = time.perf_counter()
+    if isinstance(engine, HFRolloutEngine):
+        return SyncReport(0, 0, 0, 0.0)
+    llm = engine.llm
+    got = llm.collective_rpc("monet_load_weights", args=(list(weights),))
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the engine refused to reset its prefix cache after a weight sync (requests still "
+                           "running?); sync only between rollout rounds")
+    loaded = int(got[0]) if got else 0
+    if loaded == 0:
+        raise RuntimeError(f"the engine loaded none of the {len(weights)} tensors sent (names not recognised?)")
+    return SyncReport(len(weights), weights_nbytes(weights), loaded, time.perf_counter() - t0)
+
+
+@dataclass
+class ProbeReport:
+    """``tokens_match``: every probe decoded to the same tokens; ``first_mismatch``: (request,
+    token index) of the first difference or None; ``max_latent_diff``: max abs difference of the
+    recorded latents where the tokens agree."""
+
+    tokens_match: bool
+    first_mismatch: tuple[int, int] | None
+    max_latent_diff: float
+
+    def ok(self, tol: float = 1e-3) -> bool:
+        return self.tokens_match and self.max_latent_diff <= tol
+
+
+def probe_agreement(engine: Any, model: Any, processor: Any, requests: Sequence[Any], *, max_new_tokens: int = 8,
+                    latent_size: int | None = None, layout: str | None = None,
+                    logit_bias: dict[int, float] | None = None) -> ProbeReport:
+    """Greedy decode ``requests`` with the engine and with ``monet.generate`` on ``model``; compare."""
+    import monet
+
+    kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, latent_size=latent_size, layout=layout,
+              return_latents=True, logit_bias=logit_bias)
+    ours = engine.generate(list(requests), **kw)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = monet.generate(model, processor, list(requests), **kw)
+    finally:
+        model.train(was_training)
+    first = None
+    diff = 0.0
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a.token_ids != b.token_ids and first is None:
+            k = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                     min(len(a.token_ids), len(b.token_ids)))
+            first = (i, k)
+        elif a.latents is not None and b.latents is not None and a.latents.numel():
+            diff = max(diff, float((a.latents.float() - b.latents.float()).abs().max()))
+    return ProbeReport(first is None, first, diff)
