@@ -45,3 +45,14 @@ class LatentWorker(_PlatformWorker):
 
     def monet_stats(self):
         return self.model_runner.monet_stats()
+
+    def monet_load_weights(self, weights):
+        """Load ``[(name, tensor)]`` (Hugging Face checkpoint names, any dtype) into the served model in
+        place, through the model's own ``load_weights`` (the loader vLLM uses for checkpoint files;
+        it maps names and shards tensor-parallel weights). Used by VLPO to push trainer updates
+        without a checkpoint on disk; the caller resets the prefix cache afterwards (cached KV was
+        computed with the old weights). Returns how many parameters were written."""
+        model = self.model_runner.get_model()
+        with torch.no_grad():
+            loaded = model.load_weights(iter(list(weights)))
+        return len(loaded) if loaded is not None else len(weights)
