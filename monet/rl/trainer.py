@@ -340,8 +340,9 @@ class VLPOTrainer:
         return out
 
     def weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The parameters to send to the rollout engine (trainable ones, CPU copies)."""
-        return named_weights(self.policy, trainable_only=True)
+        """The parameters to send to the rollout engine (all of them, CPU copies; see
+        :mod:`monet.rl.weight_sync`)."""
+        return named_weights(self.policy, trainable_only=False)
 
     def sync(self) -> dict[str, float]:
         """Push the policy to this process's engine; probe agreement every ``probe_every`` syncs."""
@@ -350,7 +351,8 @@ class VLPOTrainer:
         rep = load_into_engine(self.engine, self.weights())
         out = {"time/sync": rep.seconds, "sync/bytes": float(rep.bytes)}
         if self.cfg.probe_every and self.step_count % self.cfg.probe_every == 0:
-            probe = probe_agreement(self.engine, self.policy, self.processor, [self.examples[0].prompt().request],
+            probe = probe_agreement(self.engine, self.policy, self.processor,
+                                    [self.examples[0].prompt(force_latent=True).request],
                                     max_new_tokens=8, latent_size=self.layout.latent_size, layout=self.layout.kind)
             out["sync/probe_tokens_match"] = float(probe.tokens_match)
             out["sync/probe_latent_diff"] = probe.max_latent_diff

@@ -7,8 +7,8 @@ every vLLM worker through ``collective_rpc("monet_load_weights", ...)``
 ``load_weights`` (name mapping, fused/sharded layouts); then the engine's prefix cache is reset
 (its KV was computed with the old weights). Nothing is written to disk.
 
-Only parameters that train (``requires_grad``) are sent by default: the engine was started from
-the same checkpoint, so frozen ones (e.g. the vision tower) are already equal.
+Every parameter is sent, frozen ones included: vLLM's in-place reload re-processes each layer
+from the weights it is given, and a layer given none would be left unprocessed.
 
 :func:`probe_agreement` checks the result: the engine and the trainer's model decode the same probe
 requests greedily (engine vs ``monet.generate``); tokens must match exactly and the latents to a
@@ -36,6 +36,40 @@ def named_weights(model: Any, *, trainable_only: bool = True) -> list[tuple[str,
     return out
 
 
+def pack_weights(weights: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, str, list[int], bytes]]:
+    """``[(name, dtype name, shape, raw bytes)]``: plain types every RPC transport carries (vLLM's
+    msgpack turns tensors nested in argument lists into lists)."""
+    out = []
+    for name, t in weights:
+        t = t.detach().to("cpu").contiguous()
+        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()))
+    return out
+
+
+def unpack_weights(packed: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of :func:`pack_weights` (``(name, tensor)`` pairs pass through); clear errors on
+    malformed entries."""
+    out = []
+    for i, item in enumerate(packed):
+        if len(item) == 2 and isinstance(item[1], torch.Tensor):
+            out.append((item[0], item[1]))
+            continue
+        if len(item) != 4:
+            raise ValueError(f"weight {i}: expected (name, dtype, shape, bytes), got {len(item)} fields")
+        name, dtype, shape, buf = item
+        dt = getattr(torch, str(dtype), None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"weight {i} ({name}): unknown dtype {dtype!r}")
+        raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.zeros(0, dtype=torch.uint8)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        if raw.numel() != n * torch.empty(0, dtype=dt).element_size():
+            raise ValueError(f"weight {i} ({name}): {raw.numel()} bytes do not hold a {dtype} tensor of shape {list(shape)}")
+        out.append((name, raw.view(dt).reshape([int(d) for d in shape])))
+    return out
+
+
 def weights_nbytes(weights: Sequence[tuple[str, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for _, t in weights)
 
@@ -60,10 +94,15 @@ def load_into_engine(engine: Any, weights: Sequence[tuple[str, torch.Tensor]]) -
     if isinstance(engine, HFRolloutEngine):
         return SyncReport(0, 0, 0, 0.0)
     llm = engine.llm
-    got = llm.collective_rpc("monet_load_weights", args=(list(weights),))
+    got = llm.collective_rpc("monet_load_weights", args=(pack_weights(weights),))
+    # everything derived from the old weights goes: cached KV blocks and cached vision-encoder
+    # outputs; the reload also cleared the workers' multimodal input cache, so the front end's
+    # record of it must go too (else it would send references to inputs the workers dropped)
     if not llm.reset_prefix_cache():
         raise RuntimeError("the engine refused to reset its prefix cache after a weight sync (requests still "
                            "running?); sync only between rollout rounds")
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
     loaded = int(got[0]) if got else 0
     if loaded == 0:
         raise RuntimeError(f"the engine loaded none of the {len(weights)} tensors sent (names not recognised?)")

@@ -47,12 +47,15 @@ class LatentWorker(_PlatformWorker):
         return self.model_runner.monet_stats()
 
     def monet_load_weights(self, weights):
-        """Load ``[(name, tensor)]`` (Hugging Face checkpoint names, any dtype) into the served model in
-        place, through the model's own ``load_weights`` (the loader vLLM uses for checkpoint files;
-        it maps names and shards tensor-parallel weights). Used by VLPO to push trainer updates
-        without a checkpoint on disk; the caller resets the prefix cache afterwards (cached KV was
-        computed with the old weights). Returns how many parameters were written."""
-        model = self.model_runner.get_model()
-        with torch.no_grad():
-            loaded = model.load_weights(iter(list(weights)))
-        return len(loaded) if loaded is not None else len(weights)
+        """Load ``[(name, dtype, shape, raw bytes)]`` (Hugging Face checkpoint names; packed by
+        ``monet.rl.weight_sync.pack_weights`` so any RPC transport carries them as plain bytes) into
+        the served model in place, through vLLM's in-place reload (``reload_weights`` with
+        checkpoint-format weights: the model's own ``load_weights`` maps names, fuses and shards, then
+        the per-layer post-processing runs again). Used by VLPO to push trainer updates without a
+        checkpoint on disk; the caller resets the prefix cache afterwards (cached KV was computed
+        with the old weights). Returns how many tensors were given."""
+        from monet.rl.weight_sync import unpack_weights
+
+        named = unpack_weights(weights)
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        return len(named)
