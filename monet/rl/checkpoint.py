@@ -120,7 +120,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    sd = {"state": {}, "param_groups": state["param_groups"]}
+    # JSON has no tuples: hyper-parameters such as ``betas`` come back as lists
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in state["param_groups"]]
+    sd = {"state": {}, "param_groups": groups}
     for pid, entry in state["state"].items():
         sd["state"][int(pid)] = {k: (tensors[v["$tensor"]] if isinstance(v, dict) and "$tensor" in v else v)
                                  for k, v in entry.items()}

@@ -42,7 +42,8 @@ def pack_weights(weights: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str,
     out = []
     for name, t in weights:
         t = t.detach().to("cpu").contiguous()
-        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()))
+        out.append((name, str(t.dtype).removeprefix("torch."), list(t.shape),
+                    t.reshape(-1).view(torch.uint8).numpy().tobytes()))
     return out
 
 
@@ -142,10 +143,11 @@ def probe_agreement(engine: Any, model: Any, processor: Any, requests: Sequence[
     first = None
     diff = 0.0
     for i, (a, b) in enumerate(zip(ours, ref)):
-        if a.token_ids != b.token_ids and first is None:
-            k = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
-                     min(len(a.token_ids), len(b.token_ids)))
-            first = (i, k)
+        if a.token_ids != b.token_ids:
+            if first is None:
+                k = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                         min(len(a.token_ids), len(b.token_ids)))
+                first = (i, k)
         elif a.latents is not None and b.latents is not None and a.latents.numel():
             diff = max(diff, float((a.latents.float() - b.latents.float()).abs().max()))
     return ProbeReport(first is None, first, diff)
