@@ -1,0 +1,146 @@
+"""VLPO trainer on the tiny model with HF rollouts (``monet.generate``): replay of rollouts,
+training steps, checkpoints, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import monet
+from monet.model.sampling import SamplingParams
+from monet.rl import action_masks, policy_logprobs
+from monet.rl.batch import collate_rollouts
+from monet.rl.checkpoint import export_policy, latest_checkpoint
+from monet.rl.data import load_rl_parquet, synthesize_rl_split
+from monet.rl.rollout import HFRolloutEngine, encode_prompt, generate_rollouts
+from monet.rl.run_config import VLPORunConfig
+from monet.rl.trainer import VLPOTrainer
+from monet.testing import build_tiny_checkpoint
+
+START_BIAS = 4.5
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return build_tiny_checkpoint(cache=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize_rl_split(tmp_path_factory.mktemp("rl") / "rl.parquet", 6, seed=1)
+
+
+def run_config(ckpt, data, out, **kw) -> VLPORunConfig:
+    base = dict(model=str(ckpt), data=[str(data)], output_dir=str(out), engine="hf",
+                vlpo=dict(n=3, temperature=1.0, latent_noise=1.0, groups_per_batch=2, buffer_groups=6, sigma=10.0,
+                          length_penalty=dict(max_tokens=10, buffer=8)),
+                steps=2, prompts_per_rollout=3, difficulty_filter=False, max_response_tokens=10, latent_size=2,
+                force_latent=True, logit_bias={"<|im_end|>": 4.0}, micro_batch_size=4, lr=1e-3, dtype="float32",
+                seed=5)
+    base.update(kw)
+    return VLPORunConfig(**base)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.7])
+def test_teacher_forced_pass_replays_rollouts(ckpt, data, noise):
+    """The trainer's rebuilt prompt + response puts the latents exactly where the rollout fed them,
+    and its mu there is the decoder's hidden state: z == mu without noise, z - mu ~ noise * N(0, I)."""
+    model, processor = monet.load_model(ckpt, dtype="float32")
+    ids = model.monet_config.token_ids
+    examples, _ = load_rl_parquet(data)
+    prompts = [e.prompt(force_latent=(i % 2 == 0)) for i, e in enumerate(examples[:3])]
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, logit_bias={ids.start: START_BIAS})
+    encoded = {}
+    rnd = generate_rollouts(HFRolloutEngine(model, processor), processor, prompts, n=2, sampling=sampling,
+                            latent_noise=noise, run_seed=0, round_index=0, latent_size=3, layout="standard",
+                            encoded=encoded)
+    rollouts = [r for g in rnd.groups for r in g]
+    assert sum(r.num_latents for r in rollouts) >= 2 * 3  # spans opened
+    assert any(r.latent_positions and r.latent_positions[0] > 1 for r in rollouts)  # a span opened mid-answer
+    assert [r.forced_first_start for r in rollouts] == [True, True, False, False, True, True]
+    batch = collate_rollouts(rollouts, encoded, pad_id=processor.tokenizer.pad_token_id, hidden_size=128)
+    layout = monet.SpanLayout(3, "standard")
+    masks = action_masks(batch.input_ids, batch.attention_mask, batch.response_start, layout=layout, token_ids=ids,
+                         forced_first_start=batch.forced_first_start)
+    for b, r in enumerate(rollouts):
+        got = (masks.latent[b].nonzero().flatten() - len(r.prompt_ids)).tolist()
+        assert got == r.latent_positions, b
+        assert r.prompt_ids == encode_prompt(processor, prompts[b // 2].request).input_ids
+    with torch.no_grad():
+        s = policy_logprobs(model, batch, layout=layout, token_ids=ids, temperature=1.0, sigma=10.0, masks=masks)
+    diff = s.z - s.mu
+    if noise == 0:
+        torch.testing.assert_close(s.z, s.mu, rtol=1e-4, atol=1e-4)
+    else:
+        rms = float(diff.pow(2).mean().sqrt())
+        assert abs(rms - noise) < 0.15 * noise, rms  # ~N(0, noise^2) per coordinate
+        # each rollout has its own noise: no two rollouts' first latents share their perturbation
+        firsts = [d for d in torch.split(diff, [r.num_latents for r in rollouts]) if len(d)]
+        assert min(float((a[0] - b[0]).abs().max()) for i, a in enumerate(firsts) for b in firsts[i + 1:]) > 0.1
+
+
+def _strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/") and k not in ("rollout/tokens_per_s",)}
+
+
+def test_training_steps_checkpoint_resume_and_export(ckpt, data, tmp_path):
+    # uninterrupted: 2 steps
+    a = VLPOTrainer(run_config(ckpt, data, tmp_path / "a"), printer=None)
+    w0 = {n: p.detach().clone() for n, p in a.policy.named_parameters()}
+    rows_a = a.train()
+    wa = {n: p.detach().clone() for n, p in a.policy.named_parameters()}
+    a.close()
+    assert [r["trained"] for r in rows_a] == [1, 1]
+    for r in rows_a:
+        assert r["batch/n_latent"] > 0 and r["rollout/latent_span_rate"] == 1.0
+        assert r["latent/abs_term_mean"] > 0  # exploration noise: z != mu, the latent term is live
+        assert r["reward/std"] > 0 and r["batch/adv_abs_mean"] > 0
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    changed = [n for n in w0 if not torch.equal(w0[n], wa[n])]
+    assert any("language_model" in n for n in changed)
+    assert not any(".visual." in n or n.startswith("model.visual") for n in changed)  # frozen vision
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert "NaN" not in "".join(lines) and "Infinity" not in "".join(lines)  # strict JSON
+
+    # interrupted after step 1, then resumed
+    b = VLPOTrainer(run_config(ckpt, data, tmp_path / "b"), printer=None)
+    b.train(steps=1)
+    b.save()
+    assert len(b.waiting) == 1  # one kept group waits in the buffer across the checkpoint
+    b.close()
+    b2 = VLPOTrainer(run_config(ckpt, data, tmp_path / "b"), resume=True, printer=None)
+    assert b2.step_count == 1
+    b2.train()
+    wb = {n: p.detach().clone() for n, p in b2.policy.named_parameters()}
+    b2.close()
+    rows_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_b] == [1, 2]
+    rows_a_file = [json.loads(x) for x in lines]
+    assert [_strip(r) for r in rows_b] == [_strip(r) for r in rows_a_file]
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n
+
+    # export: a plain model directory for monet.load_model
+    last = latest_checkpoint(tmp_path / "b")
+    assert last.name == "checkpoint-2"
+    exported = export_policy(last, tmp_path / "policy")
+    assert not (exported / "vlpo_state.json").exists()
+    model, _ = monet.load_model(exported, dtype="float32")
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), wb[n]), n
+
+
+def test_run_lock_refuses_a_second_trainer(ckpt, data, tmp_path):
+    from monet.rl.checkpoint import RunBusy
+
+    cfg = run_config(ckpt, data, tmp_path / "c", vlpo=dict(n=2, groups_per_batch=1, buffer_groups=2, kl_coef=0.0))
+    t = VLPOTrainer(cfg, printer=None)
+    try:
+        with pytest.raises(RunBusy, match="another VLPO run"):
+            VLPOTrainer(cfg, printer=None)
+    finally:
+        t.close()
