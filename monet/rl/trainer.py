@@ -148,6 +148,7 @@ class VLPOTrainer:
         self.epoch, self.cursor = 0, 0
         self.counters = {"skipped_nonfinite": 0, "skipped_long_prompts": 0, "steps_without_batch": 0}
         self._round_stats: list[dict] = []
+        self._t_step = time.perf_counter()
         if start is not None:
             self._restore(start)
         self.metrics = MetricsLog(self.out, printer=self.printer if printer else None)
@@ -361,16 +362,24 @@ class VLPOTrainer:
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> dict[str, Any]:
         """One training step (module docstring); returns and logs its metrics row."""
-        t_step = time.perf_counter()
-        self._round_stats = []
-        ready = self.sampler.ready()
+        self.begin_step()
         rounds = 0
-        while not ready and rounds < self.cfg.max_rounds_per_step:
-            ready = self.ingest(self.rollout_round())
+        while not self.sampler.ready() and rounds < self.cfg.max_rounds_per_step:
+            self.ingest(self.rollout_round())
             rounds += 1
+        row = self.finish_step(rounds)
+        return self.log_step(row, self.sync() if row["trained"] else {})
+
+    def begin_step(self) -> None:
+        """Start a step's bookkeeping (before its rollout rounds)."""
+        self._round_stats = []
+        self._t_step = time.perf_counter()
+
+    def finish_step(self, rounds: int) -> dict[str, Any]:
+        """After ``rounds`` rollout rounds: train on a batch when one is ready; the row so far."""
         row: dict[str, Any] = {"step": self.step_count + 1}
         row.update(self._rollout_metrics(rounds))
-        if ready:
+        if self.sampler.ready():
             row.update(self.train_batch())
             row["trained"] = 1
         else:
@@ -379,12 +388,18 @@ class VLPOTrainer:
             self.printer(f"[vlpo] step {self.step_count + 1}: only {len(self.sampler.buffer)} of "
                          f"{self.cfg.vlpo.groups_per_batch} groups kept after {rounds} rounds; no update")
         self.step_count += 1
-        if ready:
-            row.update(self.sync())
+        return row
+
+    def log_step(self, row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """Complete ``row`` (sync metrics, counters, step time), append it to metrics.jsonl, print it."""
+        row = {**row, **extra}
         row.update({f"count/{k}": v for k, v in self.counters.items()})
-        row["time/step"] = time.perf_counter() - t_step
+        row["time/step"] = time.perf_counter() - self._t_step
         self.metrics.log(row)
         return row
+
+    def save_due(self) -> bool:
+        return bool(self.cfg.save_every) and self.step_count % self.cfg.save_every == 0
 
     def _rollout_metrics(self, rounds: int) -> dict[str, float]:
         st = self._round_stats
@@ -417,9 +432,9 @@ class VLPOTrainer:
         rows = []
         while self.step_count < target:
             rows.append(self.step())
-            if self.cfg.save_every and self.step_count % self.cfg.save_every == 0:
+            if self.save_due():
                 self.save()
-        if not self.cfg.save_every or self.step_count % self.cfg.save_every:
+        if not self.save_due():
             self.save()
         return rows
 
