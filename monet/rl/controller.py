@@ -135,7 +135,8 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
     except ImportError:
         raise ImportError("the Ray controller needs ray (pip install 'ray[default]>=2.60,<2.61', or the "
                           "package's [rl] extra); without it use --controller local") from None
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     RolloutActor, TrainerActor = _actors(ray)
     cuda = cfg.device.startswith("cuda")
@@ -164,7 +165,11 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
             rows.append(ray.get(trainer.log_step.remote(row, extra)))
             step = row["step"]
     finally:
-        ray.get([rollout.shutdown.remote(), trainer.close.remote()])
-        ray.kill(rollout)
-        ray.kill(trainer)
+        try:
+            ray.get([rollout.shutdown.remote(), trainer.close.remote()])
+        finally:
+            ray.kill(rollout)
+            ray.kill(trainer)
+            if started:
+                ray.shutdown()
     return rows
