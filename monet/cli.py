@@ -206,15 +206,21 @@ def _cmd_vlpo(args: argparse.Namespace) -> int:
     from monet.rl.run_config import VLPORunConfig
     from monet.train.config import parse_overrides
 
+    from monet.rl.checkpoint import RunBusy
+
     cfg = VLPORunConfig.from_yaml(args.config, parse_overrides(args.set))
-    if args.controller == "ray" or args.ray_address:
-        from monet.rl.controller import run_vlpo_ray
+    try:
+        if args.controller == "ray" or args.ray_address:
+            from monet.rl.controller import run_vlpo_ray
 
-        run_vlpo_ray(cfg, resume=args.resume, address=args.ray_address)
-    else:
-        from monet.rl.trainer import run_vlpo
+            run_vlpo_ray(cfg, resume=args.resume, address=args.ray_address)
+        else:
+            from monet.rl.trainer import run_vlpo
 
-        run_vlpo(cfg, resume=args.resume)
+            run_vlpo(cfg, resume=args.resume)
+    except RunBusy as e:
+        print(f"monet vlpo: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

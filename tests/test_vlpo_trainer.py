@@ -153,3 +153,36 @@ def test_run_lock_refuses_a_second_trainer(ckpt, data, tmp_path):
             VLPOTrainer(cfg, printer=None)
     finally:
         t.close()
+
+
+def test_cli_synth_rl_vlpo_and_export(ckpt, tmp_path, capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from monet.cli import main
+
+    rl = tmp_path / "rl.parquet"
+    assert main(["data", "synth", "--rl", str(rl), "--n", "3", "--seed", "4"]) == 0
+    assert load_rl_parquet(rl)[1].loaded == 3
+    cfg = tmp_path / "vlpo.yaml"
+    cfg.write_text(f"model: {ckpt}\ndata: [rl.parquet]\noutput_dir: run\nengine: hf\ndtype: float32\n"
+                   "vlpo: {n: 2, groups_per_batch: 1, buffer_groups: 2}\n")
+    sets = ["--set", "steps=1", "--set", "prompts_per_rollout=1", "--set", "max_response_tokens=6",
+            "--set", "difficulty_filter=false", "--set", "latent_size=2", "--set", "force_latent=true",
+            "--set", "vlpo.temperature=1.0", "--set", "vlpo.length_penalty={max_tokens: 6, buffer: 5}",
+            "--set", "logit_bias={'<|im_end|>': 4.0}"]
+    assert main(["vlpo", "--config", str(cfg), *sets]) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoint-1" / "vlpo_state.json").is_file() and (run / "latest").read_text().strip() == "checkpoint-1"
+    assert main(["vlpo", "--export", str(run / "checkpoint-1"), str(tmp_path / "policy")]) == 0
+    assert (tmp_path / "policy" / "config.json").is_file()
+    assert main(["vlpo", "--config", str(cfg), "--set", "vlpo.sigmaa=1"]) == 2
+    assert "sigmaa" in capsys.readouterr().err
+    # the launch script's dry run prints the paper command
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vlpo.sh"
+    out = subprocess.run(["bash", str(script), "--dry-run", "--resume"], capture_output=True, text=True,
+                         env={"RUNS": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+                         check=True).stdout
+    assert "monet.cli vlpo --config" in out and "configs/vlpo.yaml" in out and "--resume" in out
+    assert f"model={tmp_path}/runs/stage3/checkpoint-LATEST" in out
