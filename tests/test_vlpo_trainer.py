@@ -52,7 +52,9 @@ def test_teacher_forced_pass_replays_rollouts(ckpt, data, noise):
     ids = model.monet_config.token_ids
     examples, _ = load_rl_parquet(data)
     prompts = [e.prompt(force_latent=(i % 2 == 0)) for i, e in enumerate(examples[:3])]
-    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, logit_bias={ids.start: START_BIAS})
+    # image-pad / vision-start biased too: generated vision tokens are text to the decoder
+    vision = {model.config.image_token_id: 3.0, model.config.vision_start_token_id: 2.0}
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, seed=3, logit_bias={ids.start: START_BIAS, **vision})
     encoded = {}
     rnd = generate_rollouts(HFRolloutEngine(model, processor), processor, prompts, n=2, sampling=sampling,
                             latent_noise=noise, run_seed=0, round_index=0, latent_size=3, layout="standard",
@@ -61,6 +63,7 @@ def test_teacher_forced_pass_replays_rollouts(ckpt, data, noise):
     assert sum(r.num_latents for r in rollouts) >= 2 * 3  # spans opened
     assert any(r.latent_positions and r.latent_positions[0] > 1 for r in rollouts)  # a span opened mid-answer
     assert [r.forced_first_start for r in rollouts] == [True, True, False, False, True, True]
+    assert sum(t in vision for r in rollouts for t in r.response_ids) >= 2
     batch = collate_rollouts(rollouts, encoded, pad_id=processor.tokenizer.pad_token_id, hidden_size=128)
     layout = monet.SpanLayout(3, "standard")
     masks = action_masks(batch.input_ids, batch.attention_mask, batch.response_start, layout=layout, token_ids=ids,
