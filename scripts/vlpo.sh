@@ -34,6 +34,8 @@ if [[ -z "${POLICY:-}" ]]; then
   fi
 fi
 
+# LatentLLM needs vLLM's V1 model runner on GPU (vLLM 0.32 defaults to V2 there)
+export VLLM_USE_V2_MODEL_RUNNER="${VLLM_USE_V2_MODEL_RUNNER:-0}"
 cmd=("$PYTHON" -m monet.cli vlpo --config "$HERE/configs/vlpo.yaml" --controller "$CONTROLLER"
      --set "model=$POLICY" --set "data=[$DATA]" --set "output_dir=$RUNS/vlpo")
 [[ -n "${RAY_ADDRESS:-}" ]] && cmd+=(--ray-address "$RAY_ADDRESS")

@@ -146,7 +146,10 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
     tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
     trainer = TrainerActor.options(num_cpus=cpus_per_actor, num_gpus=1 if cuda else 0).remote(d, resume)
     policy_dir = ray.get(trainer.policy_dir.remote())
-    rollout = RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0).remote(d, policy_dir)
+    # the latent runner needs vLLM's V1 model runner on GPU (LatentLLM refuses V2 with a clear error)
+    env = {"env_vars": {"VLLM_USE_V2_MODEL_RUNNER": "0"}} if cuda and cfg.engine == "vllm" else None
+    rollout = RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0,
+                                   runtime_env=env).remote(d, policy_dir)
     rows = []
     try:
         step, total = ray.get(trainer.state.remote())
