@@ -146,14 +146,26 @@ def test_training_steps_ray_controller_resume_and_export(ckpt, data, tmp_path):
         assert torch.equal(p.detach(), wb[n]), n
 
 
-def test_run_lock_refuses_a_second_trainer(ckpt, data, tmp_path):
+def test_nonfinite_gradient_skips_the_update_and_run_lock(ckpt, data, tmp_path):
     from monet.rl.checkpoint import RunBusy
 
-    cfg = run_config(ckpt, data, tmp_path / "c", vlpo=dict(n=2, groups_per_batch=1, buffer_groups=2, kl_coef=0.0))
+    cfg = run_config(ckpt, data, tmp_path / "c", prompts_per_rollout=2,
+                     vlpo=dict(n=2, temperature=1.0, latent_noise=1.0, groups_per_batch=2, buffer_groups=2,
+                               length_penalty=dict(max_tokens=10, buffer=8)))
     t = VLPOTrainer(cfg, printer=None)
     try:
         with pytest.raises(RunBusy, match="another VLPO run"):
             VLPOTrainer(cfg, printer=None)
+        w0 = {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+        p = t.policy.get_input_embeddings().weight
+        hook = p.register_hook(lambda g: g * float("nan"))  # poison one gradient
+        row = t.step()
+        hook.remove()
+        assert row["trained"] == 1 and math.isnan(row["grad_norm"]) and row["count/skipped_nonfinite"] == 1
+        for n, q in t.policy.named_parameters():
+            assert torch.equal(q.detach(), w0[n]), n  # no parameter moved, none became NaN
+        assert not t.optimizer.state  # AdamW never stepped
+        assert all(q.grad is None for q in t.params)
     finally:
         t.close()
 

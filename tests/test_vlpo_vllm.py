@@ -12,6 +12,7 @@ import monet
 from monet.model.sampling import SamplingParams
 from monet.rl import action_masks, policy_logprobs
 from monet.rl.batch import collate_rollouts
+from monet.rl.checkpoint import export_policy
 from monet.rl.data import synthesize_rl_split
 from monet.rl.rollout import generate_rollouts
 from monet.rl.run_config import VLPORunConfig
@@ -29,8 +30,13 @@ ENGINE = dict(enforce_eager=True, limit_mm_per_prompt={"image": 1}, block_size=3
 def trainer(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlpo_vllm")
     data = synthesize_rl_split(root / "rl.parquet", 6, seed=2)
+    # the engine serves a policy exported from a VLPO checkpoint (the export is what LatentLLM opens)
+    seed_run = VLPOTrainer(VLPORunConfig(model=str(build_tiny_checkpoint(cache=True)), data=[str(data)],
+                                         output_dir=str(root / "seed"), engine="hf", dtype="float32"), printer=None)
+    policy = export_policy(seed_run.save(), root / "policy")
+    seed_run.close()
     cfg = VLPORunConfig(
-        model=str(build_tiny_checkpoint(cache=True)), data=[str(data)], output_dir=str(root / "run"), engine="vllm",
+        model=str(policy), data=[str(data)], output_dir=str(root / "run"), engine="vllm",
         engine_kwargs=ENGINE, probe_every=1,
         vlpo=dict(n=3, temperature=1.0, latent_noise=1.0, groups_per_batch=2, buffer_groups=4, sigma=10.0,
                   length_penalty=dict(max_tokens=12, buffer=8)),

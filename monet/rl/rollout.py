@@ -8,7 +8,8 @@ action). The seed of rollout ``j`` of prompt ``i`` in rollout round ``r`` is a h
 ``(run seed, r, dataset index of the prompt, j)``, so a rollout's noise never depends on batch
 composition.
 
-A :class:`Rollout` carries what the trainer needs to score its actions again: prompt token ids
+A :class:`Rollout` carries what the trainer needs to score its actions again: prompt token ids and
+images
 (re-encoded by :func:`encode_prompt` from the same ``render_prompt`` text and images as the
 engine used), response token ids, latent positions (indices into the response) and the latents
 ``[n_lat, D]``, whether START was forced (the prompt ended with START), finish reason and text.
@@ -118,7 +119,7 @@ class Rollout:
     finish_reason: str
     text: str
     noise_seed: int | None = None
-    extra: dict = field(default_factory=dict)
+    images: list = field(default_factory=list, repr=False)  # the prompt's images (PIL), shared objects
 
     @property
     def num_latents(self) -> int:
@@ -207,6 +208,7 @@ def generate_rollouts(
             group.append(Rollout(group_id=gid, prompt_index=p.index, sample_index=j, prompt_ids=list(enc.input_ids),
                                  response_ids=list(out.token_ids), latent_positions=list(out.latent_positions),
                                  latents=lat.float(), forced_first_start=enc.force_start,
-                                 finish_reason=out.finish_reason, text=out.text, noise_seed=seeds[k]))
+                                 finish_reason=out.finish_reason, text=out.text, noise_seed=seeds[k],
+                                 images=list(p.request.images)))
         groups.append(group)
     return RolloutRound(list(prompts), groups, seconds, tokens)

@@ -482,7 +482,7 @@ class VLPOTrainer:
                     self.encoded[p.index] = encode_prompt(self.processor, p.request, p.index)
                 d = dict(d)
                 d["latents"] = tensors[d["latents"]]
-                rs.append(Rollout(**d))
+                rs.append(Rollout(**d, images=list(p.request.images)))
             self.waiting[gid] = {"rollouts": rs, "rewards": list(w["rewards"])}
         ckpt_io.load_optimizer_state(self.optimizer, state["optimizer"], tensors)
         ckpt_io.set_rng_state(state["rng"], tensors)
