@@ -84,3 +84,15 @@ def test_vllm_training_steps_and_weight_sync(trainer):
     assert probe_agreement(trainer.engine, trainer.policy, trainer.processor, reqs, **kw).ok(1e-3)
     stale_probe = probe_agreement(trainer.engine, stale, trainer.processor, reqs, **kw)
     assert not stale_probe.ok(1e-3), stale_probe
+
+
+def test_ray_controller_with_vllm_rollout_actor(trainer, tmp_path):
+    """vLLM inside a Ray actor on CPU: one step, weights through the object store into the engine,
+    then both actors decode the probe greedily and agree."""
+    from monet.rl.controller import run_vlpo_ray
+
+    cfg = VLPORunConfig.from_dict({**trainer.cfg.to_dict(), "output_dir": str(tmp_path / "ray"), "steps": 1})
+    rows = run_vlpo_ray(cfg, printer=None)
+    assert len(rows) == 1 and rows[0]["trained"] == 1 and rows[0]["sync/bytes"] > 0
+    assert rows[0]["batch/n_latent"] > 0
+    assert rows[0]["sync/probe_tokens_match"] == 1.0 and rows[0]["sync/probe_latent_diff"] < 1e-3

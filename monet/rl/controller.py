@@ -14,6 +14,7 @@
     rollout.load_weights(w)         -->  resolves w from the store,
                                          monet_load_weights on every
                                          vLLM worker, cache resets
+    (every probe_every syncs: both actors decode probe requests greedily; the driver compares)
     trainer.log_step(row, sync metrics), trainer.save() every save_every steps
 
 The rollout actor starts its engine from the trainer's current policy directory (the starting
@@ -79,6 +80,11 @@ def _actors(ray: Any):
             rep = load_into_engine(self.engine, weights)
             return {"time/sync": rep.seconds, "sync/bytes": float(rep.bytes)}
 
+        def probe(self, requests, kw: dict):
+            from monet.rl.weight_sync import probe_generations
+
+            return probe_generations(self.engine.generate, requests, **kw)
+
         def shutdown(self) -> None:
             if hasattr(self.engine, "shutdown"):
                 self.engine.shutdown()
@@ -114,6 +120,17 @@ def _actors(ray: Any):
 
         def weights(self):
             return self.t.weights()
+
+        def probe_due(self) -> bool:
+            return bool(self.t.cfg.probe_every) and self.t.step_count % self.t.cfg.probe_every == 0
+
+        def probe_requests(self):
+            return self.t.probe_requests(), self.t.probe_kwargs()
+
+        def probe(self, requests, kw: dict):
+            from monet.rl.weight_sync import hf_generate, probe_generations
+
+            return probe_generations(hf_generate(self.t.policy, self.t.processor), requests, **kw)
 
         def log_step(self, row: dict, extra: dict) -> dict:
             row = self.t.log_step(row, extra)
@@ -165,6 +182,14 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
             extra = {}
             if row["trained"]:
                 extra = ray.get(rollout.load_weights.remote(trainer.weights.remote()))
+                if ray.get(trainer.probe_due.remote()):
+                    from monet.rl.weight_sync import compare_generations
+
+                    reqs, kw = ray.get(trainer.probe_requests.remote())
+                    probe = compare_generations(ray.get(rollout.probe.remote(reqs, kw)),
+                                                ray.get(trainer.probe.remote(reqs, kw)))
+                    extra["sync/probe_tokens_match"] = float(probe.tokens_match)
+                    extra["sync/probe_latent_diff"] = probe.max_latent_diff
             rows.append(ray.get(trainer.log_step.remote(row, extra)))
             step = row["step"]
     finally:

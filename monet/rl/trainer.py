@@ -352,12 +352,18 @@ class VLPOTrainer:
         rep = load_into_engine(self.engine, self.weights())
         out = {"time/sync": rep.seconds, "sync/bytes": float(rep.bytes)}
         if self.cfg.probe_every and self.step_count % self.cfg.probe_every == 0:
-            probe = probe_agreement(self.engine, self.policy, self.processor,
-                                    [self.examples[0].prompt(force_latent=True).request],
-                                    max_new_tokens=8, latent_size=self.layout.latent_size, layout=self.layout.kind)
+            probe = probe_agreement(self.engine, self.policy, self.processor, self.probe_requests(),
+                                    **self.probe_kwargs())
             out["sync/probe_tokens_match"] = float(probe.tokens_match)
             out["sync/probe_latent_diff"] = probe.max_latent_diff
         return out
+
+    def probe_requests(self) -> list:
+        """The weight-sync probe: the first prompt, opening with a latent span (so latents are compared)."""
+        return [self.examples[0].prompt(force_latent=True).request]
+
+    def probe_kwargs(self) -> dict:
+        return dict(max_new_tokens=8, latent_size=self.layout.latent_size, layout=self.layout.kind)
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> dict[str, Any]:

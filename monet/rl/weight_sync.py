@@ -124,22 +124,19 @@ class ProbeReport:
         return self.tokens_match and self.max_latent_diff <= tol
 
 
-def probe_agreement(engine: Any, model: Any, processor: Any, requests: Sequence[Any], *, max_new_tokens: int = 8,
-                    latent_size: int | None = None, layout: str | None = None,
-                    logit_bias: dict[int, float] | None = None) -> ProbeReport:
-    """Greedy decode ``requests`` with the engine and with ``monet.generate`` on ``model``; compare."""
-    import monet
+def probe_generations(generate: Any, requests: Sequence[Any], *, max_new_tokens: int = 8,
+                      latent_size: int | None = None, layout: str | None = None,
+                      logit_bias: dict[int, float] | None = None) -> list:
+    """Greedy generations of the probe requests with ``generate`` (``LatentLLM.generate`` or
+    ``functools.partial(monet.generate, model, processor)``), latents returned."""
+    return generate(list(requests), max_new_tokens=max_new_tokens, temperature=0.0, latent_size=latent_size,
+                    layout=layout, return_latents=True, logit_bias=logit_bias)
 
-    kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, latent_size=latent_size, layout=layout,
-              return_latents=True, logit_bias=logit_bias)
-    ours = engine.generate(list(requests), **kw)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = monet.generate(model, processor, list(requests), **kw)
-    finally:
-        model.train(was_training)
+
+def compare_generations(ours: Sequence[Any], ref: Sequence[Any]) -> ProbeReport:
+    """Tokens must match exactly; latents are compared where the tokens agree."""
+    if len(ours) != len(ref):
+        raise ValueError(f"{len(ours)} probe generations to compare with {len(ref)}")
     first = None
     diff = 0.0
     for i, (a, b) in enumerate(zip(ours, ref)):
@@ -151,3 +148,26 @@ def probe_agreement(engine: Any, model: Any, processor: Any, requests: Sequence[
         elif a.latents is not None and b.latents is not None and a.latents.numel():
             diff = max(diff, float((a.latents.float() - b.latents.float()).abs().max()))
     return ProbeReport(first is None, first, diff)
+
+
+def hf_generate(model: Any, processor: Any):
+    """``generate(requests, **kw)`` with ``monet.generate`` on ``model`` (eval mode, no grad)."""
+    import monet
+
+    def generate(requests, **kw):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return monet.generate(model, processor, list(requests), **kw)
+        finally:
+            model.train(was_training)
+
+    return generate
+
+
+def probe_agreement(engine: Any, model: Any, processor: Any, requests: Sequence[Any], **kw: Any) -> ProbeReport:
+    """Greedy decode ``requests`` with the engine and with ``monet.generate`` on ``model``; compare.
+    Keywords: those of :func:`probe_generations`."""
+    return compare_generations(probe_generations(engine.generate, requests, **kw),
+                               probe_generations(hf_generate(model, processor), requests, **kw))
