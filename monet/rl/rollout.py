@@ -203,7 +203,8 @@ def generate_rollouts(
                                    "replay this rollout")
             lat = out.latents if out.latents is not None else torch.zeros(0, 0)
             if lat.shape[0] != len(out.latent_positions):
-                raise RuntimeError(f"request {k}: {lat.shape[0]} latents for {len(out.latent_positions)} latent positions")
+                raise RuntimeError(f"request {k}: {lat.shape[0]} latents for "
+                                   f"{len(out.latent_positions)} latent positions")
             tokens += len(out.token_ids)
             group.append(Rollout(group_id=gid, prompt_index=p.index, sample_index=j, prompt_ids=list(enc.input_ids),
                                  response_ids=list(out.token_ids), latent_positions=list(out.latent_positions),

@@ -43,7 +43,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -53,7 +53,7 @@ from monet.rl import checkpoint as ckpt_io
 from monet.rl.actions import action_masks
 from monet.rl.advantages import grpo_advantages_by_group
 from monet.rl.batch import collate_rollouts, to_device
-from monet.rl.data import RLExample, load_rl_parquet
+from monet.rl.data import load_rl_parquet
 from monet.rl.logprob import RolloutBatch, policy_logprobs
 from monet.rl.metrics_log import MetricsLog
 from monet.rl.objective import ActionTerms, merge_metrics, vlpo_loss

@@ -66,7 +66,8 @@ def unpack_weights(packed: Sequence[Any]) -> list[tuple[str, torch.Tensor]]:
         for d in shape:
             n *= int(d)
         if raw.numel() != n * torch.empty(0, dtype=dt).element_size():
-            raise ValueError(f"weight {i} ({name}): {raw.numel()} bytes do not hold a {dtype} tensor of shape {list(shape)}")
+            raise ValueError(f"weight {i} ({name}): {raw.numel()} bytes do not hold a {dtype} tensor "
+                             f"of shape {list(shape)}")
         out.append((name, raw.view(dt).reshape([int(d) for d in shape])))
     return out
 
