@@ -132,7 +132,9 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="write the synthetic zoom-in dataset (Monet-SFT format + eval split)")
-    synth.add_argument("--out", required=True)
+    synth.add_argument("--out", default=None, help="SFT dataset directory")
+    synth.add_argument("--rl", default=None, metavar="OUT.parquet",
+                       help="write the synthetic RL split (--n prompts, Thyme-RL parquet schema) instead")
     synth.add_argument("--n", type=int, required=True, help="training samples")
     synth.add_argument("--n-eval", type=int, default=100, help="held-out samples")
     synth.add_argument("--seed", type=int, default=0)
@@ -144,6 +146,14 @@ def _add_data(sub) -> None:
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
+    if args.rl:
+        from monet.rl.data import synthesize_rl_split
+
+        path = synthesize_rl_split(args.rl, args.n, args.seed)
+        print(f"wrote {args.n} RL prompts to {path}")
+        return 0
+    if not args.out:
+        raise ValueError("give --out DIR (SFT dataset) or --rl OUT.parquet (RL split)")
     from monet.data.synth import synthesize_dataset
 
     d = synthesize_dataset(args.out, args.n, args.n_eval, args.seed)
@@ -220,6 +230,49 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _add_vlpo(sub) -> None:
+    p = sub.add_parser("vlpo", help="VLPO reinforcement learning (latent-aware GRPO) from a YAML config")
+    p.add_argument("--config", default=None, help="YAML file with VLPORunConfig fields (section vlpo: VLPOConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting (vlpo.KEY for the algorithm's settings)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--controller", choices=["local", "ray"], default="local",
+                   help="local: one process (rollout engine + trainer); ray: rollout and trainer actors")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (implies --controller ray); "
+                   "default: ray.init() starts a local one")
+    p.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT"), default=None,
+                   help="copy a VLPO checkpoint's policy to OUT as a plain model directory and exit")
+    p.set_defaults(func=_cmd_vlpo)
+
+
+def _cmd_vlpo(args: argparse.Namespace) -> int:
+    if args.export:
+        from monet.rl.checkpoint import export_policy
+
+        print(f"exported the policy to {export_policy(*args.export)}")
+        return 0
+    if not args.config:
+        raise ValueError("--config is required (or --export CHECKPOINT OUT)")
+    from monet.rl.checkpoint import RunBusy
+    from monet.rl.run_config import VLPORunConfig
+    from monet.train.config import parse_overrides
+
+    cfg = VLPORunConfig.from_yaml(args.config, parse_overrides(args.set))
+    try:
+        if args.controller == "ray" or args.ray_address:
+            from monet.rl.controller import run_vlpo_ray
+
+            run_vlpo_ray(cfg, resume=args.resume, address=args.ray_address)
+        else:
+            from monet.rl.trainer import run_vlpo
+
+            run_vlpo(cfg, resume=args.resume)
+    except RunBusy as e:
+        print(f"monet vlpo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from monet.eval.harness import EvalSettings, run_eval
 
@@ -266,6 +319,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_data(sub)
     _add_quickstart(sub)
     _add_eval(sub)
+    _add_vlpo(sub)
     _add_serve(sub, full=bool(argv) and argv[0] == "serve")
     return parser
 

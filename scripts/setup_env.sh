@@ -21,7 +21,8 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 TORCH_PINS=(torch==2.13.0 torchvision==0.28.0 "transformers>=5.19,<5.20")
 BASE_DEPS=(numpy pillow safetensors pyyaml tqdm rich "accelerate>=1.0" pybind11 ninja cmake
            pytest pytest-benchmark pytest-timeout tokenizers sentencepiece pandas pyarrow
-           "deepspeed>=0.19,<0.20" "math-verify>=0.8,<1" "openai>=1.40,<4" "matplotlib>=3.8")
+           "deepspeed>=0.19,<0.20" "math-verify>=0.8,<1" "openai>=1.40,<4" "matplotlib>=3.8"
+           "ray[default]>=2.60,<2.61")
 
 stamp_inputs() {
   cat "$ROOT/scripts/setup_env.sh" "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/CMakeLists.txt" 2>/dev/null

@@ -29,8 +29,14 @@ One training step, for prompts with ``n`` rollouts each (a group):
    latent terms each token-averaged over the whole mini-batch (global counts) and summed with
    ``latent_weight``.
 
-Settings: :class:`VLPOConfig`. The distributed rollout / training system builds on these pure,
-typed functions; ``docs/vlpo.md`` has a worked example of the position bookkeeping.
+Settings: :class:`VLPOConfig`; ``docs/vlpo.md`` has a worked example of the position bookkeeping.
+
+The system on top of these pure functions (imported from their modules, not here, so that this
+package stays light): RL data (:mod:`monet.rl.data`), rollouts with recorded latents
+(:mod:`monet.rl.rollout`), reward grading (:func:`monet.rl.rewards.grade_rollouts`), the
+single-process trainer (:mod:`monet.rl.trainer`, ``monet vlpo``), in-memory weight sync
+(:mod:`monet.rl.weight_sync`), the Ray controller (:mod:`monet.rl.controller`), checkpoints
+(:mod:`monet.rl.checkpoint`) and the run settings (:mod:`monet.rl.run_config`).
 """
 
 from monet.rl.actions import ActionMasks, action_masks

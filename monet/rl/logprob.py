@@ -1,6 +1,8 @@
 """Per-position log-probabilities of recorded rollouts under a policy, in one teacher-forced pass.
 
-The input of every position is the token embedding (image features at image pads), except at the
+The input of every position is the token embedding (image features at the *prompt's* image pads;
+a vision token the policy generated is an ordinary token to the decoders, so it is embedded and
+positioned as text here too), except at the
 latent positions (:class:`~monet.rl.actions.ActionMasks`), which take the rollout's *recorded*
 latents ``z`` — constants here, exactly what the rollout fed. One forward of the text model gives
 final-norm hidden states ``h`` ``[B, L, D]``; then, for an action at position ``p``:
@@ -96,6 +98,21 @@ def _stack_latents(latents: Sequence[torch.Tensor], mask: torch.Tensor, hidden_s
     return torch.cat([z.detach().to(mask.device) for z in latents], dim=0)
 
 
+def _text_only_response(model: Any, ids: torch.Tensor, response: torch.Tensor):
+    """``ids`` with generated vision tokens (image/video pads, vision start/end in the response)
+    replaced by an ordinary token, so image features and vision positions go to prompt tokens only;
+    plus the replaced (rows, cols) or None."""
+    cfg = model.config
+    special = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                "vision_end_token_id")]
+    special = torch.tensor([int(t) for t in special if t is not None], device=ids.device)
+    hit = response & torch.isin(ids, special)
+    if not bool(hit.any()):
+        return ids, None
+    plain = int(ids[~torch.isin(ids, special)].flatten()[0])  # any non-vision token of the batch
+    return ids.masked_fill(hit, plain), hit.nonzero(as_tuple=True)
+
+
 def policy_logprobs(
     model: Any,
     batch: RolloutBatch,
@@ -119,13 +136,19 @@ def policy_logprobs(
     if masks is None:
         masks = action_masks(ids, am, batch.response_start.to(ids.device), layout=layout, token_ids=token_ids,
                              forced_first_start=batch.forced_first_start)
-    embeds = embed_multimodal(model, ids, batch.pixel_values, batch.image_grid_thw)
+    # a vision token the policy *generated* is plain text to the decoder (embedded as a token, one
+    # position further); only prompt vision tokens take image features and vision positions
+    mm_ids, generated_vision = _text_only_response(model, ids, masks.response)
+    embeds = embed_multimodal(model, mm_ids, batch.pixel_values, batch.image_grid_thw)
+    if generated_vision is not None:
+        vb, vp = generated_vision
+        embeds = embeds.index_put((vb, vp), model.get_input_embeddings()(ids[vb, vp]).to(embeds.dtype))
     D = embeds.shape[-1]
     z = _stack_latents(batch.latents, masks.latent, D).to(embeds.device)
     lb, lp = masks.latent.nonzero(as_tuple=True)  # row-major, the order of z
     if lb.numel():
         embeds = embeds.index_put((lb, lp), z.to(embeds.dtype))
-    positions = mrope_positions(model, ids, am, batch.image_grid_thw)
+    positions = mrope_positions(model, mm_ids, am, batch.image_grid_thw)
     hidden, _ = run_text_model(model, embeds, positions, am)
 
     B, L = ids.shape

@@ -8,6 +8,8 @@ once. Its accuracy ``a = sum(accuracies) / n`` decides:
 * otherwise (``0 < a <= threshold``) kept in a FIFO buffer, unless the buffer already holds
   ``buffer_groups`` groups (then dropped, counted as ``overflow``).
 
+With ``filter=False`` every group is kept (only the buffer and its capacity apply).
+
 :meth:`DifficultySampler.pop_batch` hands out the oldest ``groups_per_batch`` kept groups once that
 many are waiting. The whole state (settings, buffer, cumulative counters) round-trips through JSON
 (:meth:`state_dict` / :meth:`from_state`) so a resumed run continues exactly; group payloads must
@@ -50,6 +52,7 @@ class DifficultySampler:
     select_acc_threshold: float = 0.6
     buffer: list[GroupRecord] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {k: 0 for k in _COUNTERS})
+    filter: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.groups_per_batch, bool) or not isinstance(self.groups_per_batch, int) \
@@ -68,13 +71,16 @@ class DifficultySampler:
             raise ValueError(f"counts must have exactly the keys {list(_COUNTERS)}, got {sorted(self.counts)}")
 
     @classmethod
-    def from_config(cls, config: VLPOConfig) -> "DifficultySampler":
-        return cls(config.groups_per_batch, config.buffer_groups, config.select_acc_threshold)
+    def from_config(cls, config: VLPOConfig, *, filter: bool = True) -> "DifficultySampler":
+        """``filter=False`` keeps every group (accumulation only, no difficulty sampling)."""
+        return cls(config.groups_per_batch, config.buffer_groups, config.select_acc_threshold, filter=filter)
 
     # ------------------------------------------------------------------ filtering
     def decide(self, accuracies: "list[float] | tuple[float, ...]") -> Decision:
         """The decision for a group with these accuracies, ignoring buffer capacity (pure)."""
         a = math.fsum(accuracies) / len(accuracies)
+        if not self.filter:
+            return "kept"
         if a <= 0:
             return "all_wrong"
         if a > self.select_acc_threshold:
@@ -125,7 +131,7 @@ class DifficultySampler:
             groups.append({"group_id": g.group_id, "accuracies": list(g.accuracies), "payload": g.payload})
         return {"version": STATE_VERSION, "groups_per_batch": self.groups_per_batch,
                 "buffer_groups": self.buffer_groups, "select_acc_threshold": self.select_acc_threshold,
-                "counts": dict(self.counts), "buffer": groups}
+                "counts": dict(self.counts), "buffer": groups, "filter": self.filter}
 
     @classmethod
     def from_state(cls, state: dict) -> "DifficultySampler":
@@ -137,7 +143,7 @@ class DifficultySampler:
             buffer = [GroupRecord(g["group_id"], tuple(float(a) for a in g["accuracies"]), g.get("payload"))
                       for g in state["buffer"]]
             return cls(state["groups_per_batch"], state["buffer_groups"], state["select_acc_threshold"],
-                       buffer, {k: int(v) for k, v in state["counts"].items()})
+                       buffer, {k: int(v) for k, v in state["counts"].items()}, bool(state.get("filter", True)))
         except KeyError as e:
             raise ValueError(f"difficulty sampler state: missing field {e}") from None
 

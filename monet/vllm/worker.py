@@ -45,3 +45,17 @@ class LatentWorker(_PlatformWorker):
 
     def monet_stats(self):
         return self.model_runner.monet_stats()
+
+    def monet_load_weights(self, weights):
+        """Load ``[(name, dtype, shape, raw bytes)]`` (Hugging Face checkpoint names; packed by
+        ``monet.rl.weight_sync.pack_weights`` so any RPC transport carries them as plain bytes) into
+        the served model in place, through vLLM's in-place reload (``reload_weights`` with
+        checkpoint-format weights: the model's own ``load_weights`` maps names, fuses and shards, then
+        the per-layer post-processing runs again). Used by VLPO to push trainer updates without a
+        checkpoint on disk; the caller resets the prefix cache afterwards (cached KV was computed
+        with the old weights). Returns how many tensors were given."""
+        from monet.rl.weight_sync import unpack_weights
+
+        named = unpack_weights(weights)
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        return len(named)

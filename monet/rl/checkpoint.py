@@ -1,0 +1,250 @@
+"""VLPO checkpoints: atomic, resumable exactly, never unpickled; a run lock; policy export.
+
+Layout of ``OUTPUT/checkpoint-STEP/``: the policy (``save_pretrained``: safetensors weights,
+``monet_config.json``) and processor — a complete model directory that ``monet.load_model`` and
+``monet.vllm.LatentLLM`` open as is — plus the trainer state as ``vlpo_state.json`` (JSON: step,
+data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.safetensors`` (its
+tensors: optimiser moments, RNG state, latents of buffered rollouts), and ``vlpo_config.yaml``.
+``OUTPUT/latest`` names the newest complete checkpoint.
+
+Crash safety: a checkpoint is written into a temporary folder, the JSON last, then renamed into
+place, and ``latest`` is replaced atomically afterwards; a crash never leaves a checkpoint that
+resume would pick half-written. Loading runs ``json.loads`` and safetensors only.
+
+:class:`RunLock` keeps two processes from writing one output directory: an advisory ``flock``
+that the kernel drops when its holder dies in any way, so a lock left by a killed run is never
+stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monet.atomic import atomic_write_text
+
+LATEST = "latest"
+STATE_JSON = "vlpo_state.json"
+STATE_TENSORS = "vlpo_state.safetensors"
+CONFIG_FILE = "vlpo_config.yaml"
+STATE_FORMAT = "monet-vlpo-state"
+STATE_VERSION = 1
+_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, CONFIG_FILE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or not a VLPO checkpoint."""
+
+
+class RunBusy(RuntimeError):
+    """Another live process holds the output directory's run lock."""
+
+
+class RunLock:
+    """Exclusive ownership of an output directory (``OUTPUT/.vlpo.lock``; non-blocking)."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        import fcntl
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / ".vlpo.lock"
+        self._f = open(self.path, "a+b")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.seek(0)
+            holder = self._f.read(200).decode("utf-8", "replace").strip()
+            self._f.close()
+            raise RunBusy(f"{out} is used by another VLPO run ({holder or 'unknown holder'}); "
+                          "wait for it or choose another output_dir") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n".encode())
+        self._f.flush()
+
+    def release(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- state pieces --------------------------------------------------------------------------------
+def rng_state(tensors: dict[str, torch.Tensor]) -> dict:
+    """Python, numpy and torch generator states; tensors go to ``tensors``, the rest is JSON."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
+                                                             float(np_state[4])]}
+
+
+def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict:
+    """``optimizer.state_dict()`` split into JSON (param groups, scalar state) and tensors."""
+    sd = optimizer.state_dict()
+    state = {}
+    for pid, entry in sd["state"].items():
+        js = {}
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+                js[k] = {"$tensor": f"opt.{pid}.{k}"}
+            else:
+                js[k] = v
+        state[str(pid)] = js
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    # JSON has no tuples: hyper-parameters such as ``betas`` come back as lists
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in state["param_groups"]]
+    sd = {"state": {}, "param_groups": groups}
+    for pid, entry in state["state"].items():
+        sd["state"][int(pid)] = {k: (tensors[v["$tensor"]] if isinstance(v, dict) and "$tensor" in v else v)
+                                 for k, v in entry.items()}
+    optimizer.load_state_dict(sd)
+
+
+# -- folders ---------------------------------------------------------------------------------------
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in out.glob("checkpoint-*") if out.is_dir() else []:
+        tail = p.name[len("checkpoint-"):]
+        if p.is_dir() and tail.isdigit():
+            found.append((int(tail), p))
+    return sorted(found)
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None, state: dict,
+                    tensors: dict[str, torch.Tensor], config_yaml: str | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it; returns its path. A model
+    holding non-finite weights is refused (``ValueError`` naming the parameter)."""
+    from safetensors.torch import save_file
+
+    for name, p in model.named_parameters():
+        if p.numel() and not bool(torch.isfinite(p.detach()).all()):
+            raise ValueError(f"parameter {name} holds NaN/inf; refusing to write checkpoint-{step}")
+    json.dumps(state, allow_nan=False)  # fail before writing anything
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        _public_architecture(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if config_yaml is not None:
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step,
+                                                  "state": state}, allow_nan=False))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(out / LATEST, final.name + "\n")
+    if keep_last:
+        others = [(s, p) for s, p in _checkpoints(out) if p != final]
+        older = [p for s, p in others if s < step]
+        doomed = [p for s, p in others if s > step] + older[:max(0, len(older) - (keep_last - 1))]
+        for p in doomed:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _public_architecture(folder: Path) -> None:
+    """Name the public Qwen2.5-VL class in ``config.json``: ``save_pretrained`` writes the class
+    name of the object (``MonetQwen2_5_VL``), which vLLM does not know; the Monet settings live in
+    ``monet_config.json`` and ``monet.load_model`` reads either name."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("architectures") == ["MonetQwen2_5_VL"]:
+        cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` names; None when there is none. A dangling pointer is an error."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = Path(output_dir) / pointer.read_text().strip()
+    if not (ckpt / STATE_JSON).is_file():
+        raise CheckpointError(f"{pointer} names {ckpt}, which is not a complete VLPO checkpoint (no {STATE_JSON})")
+    return ckpt
+
+
+def load_state(checkpoint: str | os.PathLike) -> tuple[int, dict, dict[str, torch.Tensor]]:
+    """``(step, state, tensors)`` of a checkpoint (JSON + safetensors only)."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint)
+    path = ckpt / STATE_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a VLPO checkpoint (no {STATE_JSON})")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a VLPO trainer state")
+    if int(doc.get("version", 0)) > STATE_VERSION:
+        raise CheckpointError(f"{path} has state version {doc['version']}; this monet reads up to {STATE_VERSION}")
+    try:
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+    except Exception as e:
+        raise CheckpointError(f"{ckpt / STATE_TENSORS} is unreadable ({type(e).__name__}: {e})") from None
+    return int(doc["step"]), doc["state"], tensors
+
+
+def export_policy(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Copy the policy of a VLPO checkpoint (weights, configs, processor files; no trainer state)
+    to ``out_dir`` atomically: a plain Hugging Face / Monet model directory for
+    ``monet.load_model`` and ``LatentLLM``. ``out_dir`` must not exist or be empty."""
+    src, out = Path(checkpoint), Path(out_dir)
+    if not (src / STATE_JSON).is_file():
+        raise CheckpointError(f"{src} is not a VLPO checkpoint (no {STATE_JSON})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in _TRAINER_FILES:
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
