@@ -298,6 +298,8 @@ def test_load_model_adds_tokens_and_config_roundtrip(tmp_path):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     saved = json.loads((out / "monet_config.json").read_text())
+    # a plain Qwen2.5-VL checkpoint: vLLM refuses unknown architecture names
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     assert saved["latent_size"] == 5 and saved["layout"] == "monet-v1" and saved["token_ids"]["start"] == 696
     again, _ = monet.load_model(out)
     assert again.monet_config == model.monet_config

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from monet.atomic import atomic_write_json
 from monet.layout import SpanLayout
 from monet.model.config import MonetConfig
 from monet.tokens import MONET_TOKENS, LatentTokenIds
@@ -30,7 +31,14 @@ class MonetQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     monet_config: MonetConfig
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as a plain Qwen2.5-VL checkpoint (``architectures`` names the transformers class, so
+        vLLM and transformers load it as is) plus ``monet_config.json``."""
         out = super().save_pretrained(save_directory, *args, **kwargs)
+        cfg_file = Path(save_directory) / "config.json"
+        if cfg_file.is_file():
+            data = json.loads(cfg_file.read_text())
+            data["architectures"] = [Qwen2_5_VLForConditionalGeneration.__name__]
+            atomic_write_json(cfg_file, data, indent=2)
         cfg = getattr(self, "monet_config", None)
         if cfg is not None:
             cfg.save(save_directory)
