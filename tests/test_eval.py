@@ -117,7 +117,7 @@ def test_eval_prompts_are_the_training_prompts(tmp_path, monkeypatch):
         assert len(requests) == len(samples)
         for sample, req, (proc, _, _) in zip(samples, requests, [c for c in calls for _ in c[1]]):
             ex = build_stage_example(sample, processor, 3, 2)
-            enc = encode_requests(proc, as_requests([req]))
+            enc, _ = encode_requests(proc, as_requests([req]))
             assert enc["input_ids"][0].tolist() == ex.input_ids[:ex.answer_start].tolist()
             assert torch.equal(enc["image_grid_thw"], ex.image_grid_thw)
             assert torch.allclose(enc["pixel_values"], ex.pixel_values, atol=1e-6)

@@ -179,7 +179,9 @@ def test_deepspeed_zero2_matches_plain_data_parallel(setup, tmp_path):
     start = _weights(ckpt)
     changed = 0
     for k in finals["plain"]:
-        torch.testing.assert_close(finals["zero2"][k], finals["plain"][k], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): for near-zero gradients a reduction-order difference of ~1e-9 in the
+        # gradient can move an update by ~1e-6, so the absolute tolerance sits well below lr, not at 1e-6
+        torch.testing.assert_close(finals["zero2"][k], finals["plain"][k], rtol=1e-4, atol=1e-5)
         changed += not torch.equal(finals["plain"][k], start[k])
     assert changed > 10
 
