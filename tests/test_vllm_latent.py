@@ -272,6 +272,11 @@ def test_forced_start_equals_sampled_start(llm, hf, layout, K):
     assert_same(ours, monet.generate(model, processor, [by_flag, by_prompt], **kw), rtol=1e-5)
 
 
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found: .*nope"):
+        LatentLLM(tmp_path / "nope")
+
+
 def test_engine_refuses_unsupported_features(path):
     with pytest.raises(ValueError, match="speculative decoding"):
         LatentLLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})

@@ -232,3 +232,34 @@ def test_serve_argv_and_parser():
     assert args.layout == "monet-v1" and rest == ["--port", "8000"] and args.latent_size is None
     args, rest = split_serve_args(parser.parse_args(["serve", "--latent-size", "3", "/m"]))
     assert args.latent_size == 3 and rest == [] and args.model == "/m"
+
+
+def test_unrenderable_answer_is_an_error_not_a_silent_pass_through():
+    """A 200 answer the middleware cannot render becomes HTTP 500 naming the problem."""
+    import asyncio
+
+    from monet.layout import SpanLayout
+    from monet.tokens import LatentTokenIds
+    from monet.vllm.serve import LatentSpanMiddleware
+    from monet.vllm.settings import EngineSettings
+
+    async def app(scope, receive, send):  # a backend answering 200 with a body that is not JSON
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{not json", "more_body": False})
+
+    mw = LatentSpanMiddleware(app)
+    mw._engine = EngineSettings(pad_id=10, start_id=11, end_id=12, layout=SpanLayout(2))
+    mw._tokenizer, mw._ids = object(), LatentTokenIds(pad=10, start=11, end=12, observation_start=13, observation_end=14)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps({"prompt": "x"}).encode(), "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions"}
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 500
+    assert b"could not render the latent spans" in sent[-1]["body"]
