@@ -257,7 +257,9 @@ def _cmd_vlpo(args: argparse.Namespace) -> int:
     from monet.rl.run_config import VLPORunConfig
     from monet.train.config import parse_overrides
 
-    cfg = VLPORunConfig.from_yaml(args.config, parse_overrides(args.set))
+    from monet.rl.config import VLPOConfig
+
+    cfg = VLPORunConfig.from_yaml(args.config, parse_overrides(args.set, VLPORunConfig, sections={"vlpo": VLPOConfig}))
     try:
         if args.controller == "ray" or args.ray_address:
             from monet.rl.controller import run_vlpo_ray

@@ -124,7 +124,8 @@ def test_eval_prompts_are_the_training_prompts(tmp_path, monkeypatch):
     # Without the budget the processor's default would have shrunk the big image.
     from monet.model.requests import LatentRequest
 
-    default = encode_requests(processor, [LatentRequest(prompt="q", images=[str(tmp_path / "h" / "img" / "big.png")])])
+    big_req = LatentRequest(prompt="q", images=[str(tmp_path / "h" / "img" / "big.png")])
+    default, _ = encode_requests(processor, [big_req])
     assert default["image_grid_thw"].tolist() == [[1, 16, 16]] and ex.image_grid_thw.tolist() == [[1, 20, 20]]
 
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -212,11 +212,16 @@ def _text_to(name: str, text: str, tp: Any, source: str) -> Any:
                 raise bad("a list")
             return [coerce_value(name, v, item, source=source) for v in parsed]
         return [_text_to(name, part.strip(), item, source) for part in stripped.split(",") if part.strip()]
-    if origin is dict or tp is dict:
-        parsed = yaml.safe_load(text)
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        parsed = yaml.safe_load(text)  # a nested settings object is checked by its own constructor
         if not isinstance(parsed, dict):
             raise bad("a mapping")
         return parsed
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if text.strip() not in choices:
+            raise bad(f"one of {list(choices)}")
+        return text.strip()
     raise bad(f"of a settable type ({tp})")
 
 
@@ -246,17 +251,27 @@ def coerce_value(name: str, value: Any, tp: Any, *, source: str = "config") -> A
     return value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], config_cls: type | None = None, *,
+                    sections: Mapping[str, type] | None = None) -> dict[str, Any]:
     """``["lr=2e-5", "max_steps=10"]`` -> ``{"lr": 2e-05, "max_steps": 10}``: each value parsed by
-    the type of its :class:`SFTConfig` field (unknown keys and ill-typed values are errors)."""
-    hints = _field_types()
+    the type of its field in ``config_cls`` (default :class:`SFTConfig`); ``section.key`` names a
+    field of the dataclass ``sections[section]`` (e.g. ``vlpo.sigma``). Unknown keys and ill-typed
+    values are errors."""
+    config_cls = config_cls or SFTConfig
+    hints = typing.get_type_hints(config_cls)
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set {item!r} must look like key=value")
         k, v = item.split("=", 1)
         k = k.strip()
-        if k not in hints:
-            raise ValueError(f"--set {item!r}: unknown setting {k!r} (see monet.train.config.SFTConfig)")
-        out[k] = _text_to(k, v, hints[k], "--set")
+        head, _, sub = k.partition(".")
+        if sub and sections and head in sections:
+            tp = typing.get_type_hints(sections[head]).get(sub)
+            owner = sections[head]
+        else:
+            tp, owner = hints.get(k), config_cls
+        if tp is None:
+            raise ValueError(f"--set {item!r}: unknown setting {k!r} (see {owner.__module__}.{owner.__name__})")
+        out[k] = _text_to(k, v, tp, "--set")
     return out
