@@ -22,9 +22,7 @@ import json
 import os
 import random
 import shutil
-import socket
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,31 +49,23 @@ class RunBusy(RuntimeError):
 
 
 class RunLock:
-    """Exclusive ownership of an output directory (``OUTPUT/.vlpo.lock``; non-blocking)."""
+    """Exclusive ownership of an output directory (``OUTPUT/.vlpo.lock``; non-blocking), the same
+    ``flock`` as SFT runs (:class:`monet.train.dir_lock.DirectoryLock`)."""
 
     def __init__(self, output_dir: str | os.PathLike):
-        import fcntl
+        from monet.train.dir_lock import DirectoryBusy, DirectoryLock
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.path = out / ".vlpo.lock"
-        self._f = open(self.path, "a+b")
         try:
-            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._f.seek(0)
-            holder = self._f.read(200).decode("utf-8", "replace").strip()
-            self._f.close()
-            raise RunBusy(f"{out} is used by another VLPO run ({holder or 'unknown holder'}); "
+            self._lock = DirectoryLock(out, ".vlpo.lock")
+        except DirectoryBusy as e:
+            raise RunBusy(f"{out} is used by another VLPO run ({e.holder or 'unknown holder'}); "
                           "wait for it or choose another output_dir") from None
-        self._f.seek(0)
-        self._f.truncate()
-        self._f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}\n".encode())
-        self._f.flush()
+        self.path = self._lock.path
 
     def release(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        self._lock.release()
 
     def __enter__(self) -> "RunLock":
         return self
