@@ -147,7 +147,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
     try:
         model.save_pretrained(tmp)
-        _public_architecture(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         if config_yaml is not None:
@@ -169,17 +168,6 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
         for p in doomed:
             shutil.rmtree(p, ignore_errors=True)
     return final
-
-
-def _public_architecture(folder: Path) -> None:
-    """Name the public Qwen2.5-VL class in ``config.json``: ``save_pretrained`` writes the class
-    name of the object (``MonetQwen2_5_VL``), which vLLM does not know; the Monet settings live in
-    ``monet_config.json`` and ``monet.load_model`` reads either name."""
-    path = folder / "config.json"
-    cfg = json.loads(path.read_text())
-    if cfg.get("architectures") == ["MonetQwen2_5_VL"]:
-        cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
