@@ -246,7 +246,8 @@ def evaluate_sft_file(
     budget = image_budget or stage_budget(3)
     proc = eval_processor(processor, budget)
     gen_kw = dict(latent_size=latent_size, layout=layout)
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    emb = model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    hidden = getattr(emb, "embedding_dim", None)  # ablation "other": a partner without latents -> [0, D]
     scorer = Scorer(ScorerConfig(use_math_verify=False))
     rows, latent_means, latents = [], [], {}
     for s in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
