@@ -170,6 +170,8 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--epochs", default=None,
                    help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation")
+    p.add_argument("--task", choices=["zoom", "multihop"], default="zoom",
+                   help="synthetic task: one zoom-in (default) or the two-hop arrow lookup (docs/demo.md)")
     p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
                    help="CE targets: every token the decoder must emit (default) or the research code's")
     p.set_defaults(func=_cmd_quickstart)
@@ -196,6 +198,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         settings.max_new_tokens = args.max_new_tokens
     settings.labels = args.labels
+    settings.task = args.task
     run_quickstart(args.out, settings)
     return 0
 

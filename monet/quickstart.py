@@ -51,6 +51,7 @@ ROWS: dict[str, tuple[str, str]] = {
 #: Thresholds of the demo's goals (measured, reported; nothing depends on them).
 GOAL_MARGIN = 0.10
 GOAL_MAX_COSINE = 0.5
+TASKS = ("zoom", "multihop")
 
 
 @dataclass
@@ -73,6 +74,13 @@ class QuickstartSettings:
     freeze_vision: bool = False
     # CE targets (monet.data.stage_layout label rules); "research" reproduces the original code
     labels: str = "decodable"
+    # "zoom" (monet.data.synth: one small shape in a named corner) or "multihop"
+    # (monet.data.synth_multihop: find a small arrow, follow it two cells, read the shape there)
+    task: str = "zoom"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"quickstart task must be one of {TASKS}, got {self.task!r}")
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
@@ -116,7 +124,13 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         timings[name] = round(time.perf_counter() - t, 1)
         return result
 
-    data = timed("synthetic data", lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed))
+    if s.task == "multihop":
+        from monet.data.synth_multihop import synthesize_multihop
+
+        data = timed("synthetic data (multi-hop)",
+                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed))
+    else:
+        data = timed("synthetic data", lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed))
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
     def sft(name, title, cfg):
@@ -147,7 +161,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     rows, latents = evaluate_rows(out, s, data.eval_json, checkpoints, timed, progress)
     report = {
         "settings": asdict(s),
-        "data": {"train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
+        "data": {"task": s.task, "train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
                  "n_eval": s.n_eval},
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "rows": rows,
