@@ -172,3 +172,34 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
         assert im.format == "PNG" and im.size[0] > 800
     text = capsys.readouterr().out
     assert "(c) Monet stage 3" in text and "95% Wilson" in text and "goal: zeroing the latents" in text
+
+
+def test_oracle_inserts_both_multihop_helper_images_in_order(tmp_path, monkeypatch):
+    """Row (d) on the two-hop task: each <|vision_start|> the model emits gets the next reference
+    helper image (hop 1, then hop 2), and the answer after the second is scored."""
+    from data_fixtures.samples import tiny_processor
+    from monet.data.synth_multihop import synthesize_multihop
+    from monet.eval.evaluate import evaluate_sft_file
+    from monet.model.outputs import LatentGeneration
+
+    processor = tiny_processor()
+    ds = synthesize_multihop(tmp_path / "d", n=0, n_eval=1, seed=2)
+    ref = _boxed(json.loads(ds.eval_json.read_text())[0]["data"][-1]["content"][-1]["text"])[-1]
+    replies = ["Find the arrow.<|vision_start|>x", "Follow it.<|vision_start|>y", f"\\boxed{{{ref}}}<|im_end|>"]
+    calls = []
+
+    def fake(model, proc, requests, **kw):
+        calls.append(list(requests))
+        text = replies[len(calls) - 1]
+        ids = proc.tokenizer.encode(text, add_special_tokens=False)
+        return [LatentGeneration(proc.tokenizer.decode(ids, skip_special_tokens=True), text, ids, [],
+                                 torch.zeros(0, 4), 3, "stop")]
+
+    monkeypatch.setattr("monet.model.decoding.generate", fake)
+    rep = evaluate_sft_file(None, processor, ds.eval_json, batch_size=1, progress=False, helper_images=True,
+                            max_new_tokens=96)
+    assert len(calls) == 3
+    assert [len(c[0].images) for c in calls] == [1, 2, 3]
+    assert calls[1][0].images[-1].endswith("000000_hop1.png") and calls[2][0].images[-1].endswith("000000_hop2.png")
+    assert calls[2][0].prompt.endswith("Follow it.<|vision_start|><|image_pad|><|vision_end|>")
+    assert rep.samples[0]["helper_images"] == 2 and rep.accuracy == 1.0
