@@ -158,7 +158,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         cfg = _stage_config(s, out, 1, ck1, train, data.root, f"control_{kind}", s.epochs[2], teacher="none")
         checkpoints[kind] = sft(f"control_{kind}", title, cfg)
 
-    rows, latents = evaluate_rows(out, s, data.eval_json, checkpoints, timed, progress)
+    rows = evaluate_rows(out, s, data.eval_json, checkpoints, timed, progress)
     report = {
         "settings": asdict(s),
         "data": {"task": s.task, "train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
@@ -191,9 +191,9 @@ def chance_of(reference: str | None) -> int:
 
 
 def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints: dict[str, Path], timed,
-                  progress: bool) -> tuple[list[dict], dict]:
-    """Evaluate every row of :data:`ROWS` on ``eval_json`` with its own checkpoint; returns the
-    report rows and the stage-3 latents (sample key -> [n, D])."""
+                  progress: bool) -> list[dict]:
+    """Evaluate every row of :data:`ROWS` on ``eval_json`` with its own checkpoint (one model in
+    memory at a time); returns the report rows."""
     from monet.eval import diagnostics as diag
     from monet.eval.ablations import partner_latents
     from monet.eval.checkpoint_hash import checkpoint_hash
@@ -251,7 +251,7 @@ def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints
             row["answers_changed_vs_stage3"] = diag.answer_changed_share(
                 base, {r["key"]: r["prediction"] for r in samples})[0]
         rows.append(row)
-    return rows, reports["stage3"].latents
+    return rows
 
 
 def goals(rows: list[dict]) -> dict:
