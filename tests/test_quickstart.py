@@ -203,3 +203,23 @@ def test_oracle_inserts_both_multihop_helper_images_in_order(tmp_path, monkeypat
     assert calls[1][0].images[-1].endswith("000000_hop1.png") and calls[2][0].images[-1].endswith("000000_hop2.png")
     assert calls[2][0].prompt.endswith("Follow it.<|vision_start|><|image_pad|><|vision_end|>")
     assert rep.samples[0]["helper_images"] == 2 and rep.accuracy == 1.0
+
+
+@pytest.mark.parametrize("args,msg", [(["--epochs", "1,2"], "--epochs: expected three positive numbers"),
+                                      (["--epochs", "1,x,2"], "--epochs: expected three positive numbers"),
+                                      (["--epochs", "1,0,2"], "--epochs: expected three positive numbers"),
+                                      (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")])
+def test_quickstart_bad_options_exit_2_before_writing(tmp_path, capsys, args, msg):
+    from monet.cli import main
+
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "qs").exists()
+
+
+def test_quickstart_settings_refuse_an_unknown_task():
+    from monet.quickstart import QuickstartSettings
+
+    with pytest.raises(ValueError, match="task must be one of"):
+        QuickstartSettings(task="zoomz")
