@@ -176,7 +176,12 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fast", action="store_true", help="a few steps per stage (smoke run)")
+    p.add_argument("--fast", action="store_true", help="a few steps per stage and 8 held-out samples (CI smoke run)")
+    p.add_argument("--epochs", default=None,
+                   help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation")
+    p.add_argument("--task", choices=["zoom", "multihop"], default="zoom",
+                   help="synthetic task: one zoom-in (default) or the two-hop arrow lookup (docs/demo.md)")
     p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
                    help="CE targets: every token the decoder must emit (default) or the research code's")
     p.set_defaults(func=_cmd_quickstart)
@@ -190,7 +195,20 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         settings.n_train = args.n_train
     if args.n_eval is not None:
         settings.n_eval = args.n_eval
+    if args.epochs is not None:
+        try:
+            epochs = tuple(float(x) for x in args.epochs.split(","))
+        except ValueError:
+            epochs = ()
+        if len(epochs) != 3 or any(not e > 0 for e in epochs):
+            raise ValueError(f"--epochs: expected three positive numbers S1,S2,S3, got {args.epochs!r}")
+        settings.epochs = epochs
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        settings.max_new_tokens = args.max_new_tokens
     settings.labels = args.labels
+    settings.task = args.task
     run_quickstart(args.out, settings)
     return 0
 

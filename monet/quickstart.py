@@ -1,10 +1,33 @@
-"""``monet quickstart`` (``make demo``): the whole pipeline on CPU in minutes.
+"""``monet quickstart`` (``make demo``): the whole pipeline and its controls on CPU in minutes.
 
 synthetic zoom-in data -> tiny random Qwen2.5-VL -> stage 1 -> teacher reps -> stage 2 -> teacher
-latents -> stage 3 (from the stage-1 weights) -> held-out evaluation with :func:`monet.generate` of
-the stage-1 model (with the reference helper image inserted when it asks for one, and without) and
-of the stage-3 model. Writes everything under the output directory and a
-``report.json``; prints a summary table. The numbers are whatever this tiny model reaches.
+latents -> stage 3 (from the stage-1 weights), and in the same run two controls trained on the same
+samples with the same step budget as stage 3, from the same stage-1 weights (so the only
+difference to stage 3 is the assistant turn they learn, :mod:`monet.data.controls`):
+
+==============  ===================================================================================
+row             what is evaluated on the held-out split (greedy, prompts sized like training)
+==============  ===================================================================================
+``direct``      (a) control: question -> ``\\boxed{}`` only
+``text``        (b) control: text-only reasoning (helper images and latent spans removed)
+``stage3``      (c) Monet stage 3 (latent reasoning, no helper image)
+``oracle``      (d) upper bound: the stage-1 model, the true helper image inserted when it zooms
+``stage3-zeros``  (e) stage 3 with every latent replaced by zeros
+``stage3-other``  (e) stage 3 with every latent replaced by another sample's stage-3 latents
+==============  ===================================================================================
+
+Every row is scored with :class:`monet.scoring.Scorer` (through
+:func:`monet.eval.evaluate.evaluate_sft_file`) and summarised with :mod:`monet.eval.diagnostics`:
+accuracy with its 95% Wilson interval, the chance level of guessing within the asked attribute
+(1/6 for colour questions, 1/3 for shape questions, averaged over the split), the latent-span
+rate, latent collapse (mean pairwise cosine across answers, effective rank) and, for the ablation
+rows, the share of final answers the ablation changed. Each row records the sha256 of the weights
+it was computed from. The goals of the demo (stage 3 >= 10 points over the better control with
+disjoint intervals; zeroing the latents costs >= 10 points; mean pairwise cosine < 0.5) are
+measured and reported, never assumed.
+
+Writes ``report.json``, ``report.png`` (training curves of every stage + a bar chart of the
+rows with their intervals and chance) and every checkpoint under the output directory.
 """
 
 from __future__ import annotations
@@ -16,40 +39,64 @@ from pathlib import Path
 
 from monet.train.config import SFTConfig
 
+#: Evaluated rows in report order: name -> (title, what it is).
+ROWS: dict[str, tuple[str, str]] = {
+    "direct": ("(a) direct answer", "control trained on question -> \\boxed{} only"),
+    "text": ("(b) text-only reasoning", "control trained on the reasoning text without helper images/latents"),
+    "stage3": ("(c) Monet stage 3", "latent reasoning, no helper image"),
+    "oracle": ("(d) oracle: stage 1 + true zoom", "stage-1 model, reference helper image inserted when it zooms"),
+    "stage3-zeros": ("(e) stage 3, latents zeroed", "stage-3 model, every latent replaced by zeros"),
+    "stage3-other": ("(e) stage 3, other's latents", "stage-3 model, latents of another held-out sample"),
+}
+#: Thresholds of the demo's goals (measured, reported; nothing depends on them).
+GOAL_MARGIN = 0.10
+GOAL_MAX_COSINE = 0.5
+TASKS = ("zoom", "multihop")
+
 
 @dataclass
 class QuickstartSettings:
     preset: str = "tiny"
     seed: int = 0
     n_train: int = 2000
-    n_eval: int = 100
+    n_eval: int = 500
     latent_size: int = 4
     micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3
+    # stage 1, stage 2, stage 3; the controls train with the stage-3 budget
     epochs: tuple[float, float, float] = (5.0, 3.0, 3.0)
     max_steps: int | None = None
-    max_new_tokens: int = 128
-    eval_batch_size: int = 16
+    max_new_tokens: int = 96
+    eval_batch_size: int = 32
     # The paper freezes a *pretrained* vision tower; the tiny model's tower is random, so by
     # default the quickstart trains it too (set True to follow the paper exactly).
     freeze_vision: bool = False
     # CE targets (monet.data.stage_layout label rules); "research" reproduces the original code
     labels: str = "decodable"
+    # "zoom" (monet.data.synth: one small shape in a named corner) or "multihop"
+    # (monet.data.synth_multihop: find a small arrow, follow it two cells, read the shape there)
+    task: str = "zoom"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"quickstart task must be one of {TASKS}, got {self.task!r}")
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
         if fast:
-            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, max_steps=3, max_new_tokens=24)
+            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, max_steps=3, max_new_tokens=24,
+                       eval_batch_size=8)
         return cls(preset=preset, seed=seed)
 
 
-def _stage_config(s: QuickstartSettings, out: Path, stage: int, model: Path, data, **kw) -> SFTConfig:
-    return SFTConfig(stage=stage, model=str(model), data=[str(data.train_json)], image_root=str(data.root),
-                     output_dir=str(out / f"stage{stage}"), latent_size=s.latent_size, lr=s.lr, warmup_steps=10,
-                     epochs=s.epochs[stage - 1], max_steps=s.max_steps, micro_batch_size=s.micro_batch_size,
+def _stage_config(s: QuickstartSettings, out: Path, stage: int, model: Path, train_json: Path, root: Path,
+                  name: str, epochs: float, **kw) -> SFTConfig:
+    return SFTConfig(stage=stage, model=str(model), data=[str(train_json)], image_root=str(root),
+                     output_dir=str(out / name), latent_size=s.latent_size, lr=s.lr, warmup_steps=10,
+                     epochs=epochs, max_steps=s.max_steps, micro_batch_size=s.micro_batch_size,
                      grad_accum=s.grad_accum, dtype="float32", gradient_checkpointing=False, seed=s.seed,
-                     log_every=20, keep_last=1, cache_dir=str(out / "cache"), freeze_vision=s.freeze_vision,
+                     log_every=20, keep_last=1, cache_dir=str(out / "cache" / name), freeze_vision=s.freeze_vision,
                      labels=s.labels, **kw)
 
 
@@ -57,11 +104,10 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
                    printer=print) -> dict:
     import torch
 
+    from monet.data.controls import write_control
     from monet.data.synth import check_output_dir, synthesize_dataset
-    from monet.eval.evaluate import evaluate_sft_file
-    from monet.model.loading import load_model
-    from monet.testing import build_tiny_checkpoint
     from monet.train.pipeline import run_precompute, run_sft
+    from monet.testing import build_tiny_checkpoint
 
     s = settings or QuickstartSettings.default()
     out = Path(out_dir)
@@ -78,67 +124,200 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         timings[name] = round(time.perf_counter() - t, 1)
         return result
 
-    data = timed("synthetic data", lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed))
+    if s.task == "multihop":
+        from monet.data.synth_multihop import synthesize_multihop
+
+        data = timed("synthetic data (multi-hop)",
+                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed))
+    else:
+        data = timed("synthetic data", lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed))
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
-    c1 = _stage_config(s, out, 1, base, data, teacher="none")
-    ck1 = Path(timed("stage 1 (warm-up, helper images as images)",
-                     lambda: run_sft(c1, overwrite=True, progress=progress))["checkpoint"])
+    def sft(name, title, cfg):
+        return Path(timed(title, lambda: run_sft(cfg, overwrite=True, progress=progress))["checkpoint"])
+
+    c1 = _stage_config(s, out, 1, base, data.train_json, data.root, "stage1", s.epochs[0], teacher="none")
+    ck1 = sft("stage1", "stage 1 (warm-up, helper images as images)", c1)
     reps = out / "teacher_reps"
     timed("teacher reps (stage-1 model, observation positions)",
           lambda: run_precompute(replace(c1, model=str(ck1)), "teacher-reps", reps, dtype="float32", progress=progress))
-    c2 = _stage_config(s, out, 2, ck1, data, teacher="store", teacher_store=str(reps))
-    ck2 = Path(timed("stage 2 (latents see the helper image; alignment via latents)",
-                     lambda: run_sft(c2, overwrite=True, progress=progress))["checkpoint"])
+    c2 = _stage_config(s, out, 2, ck1, data.train_json, data.root, "stage2", s.epochs[1], teacher="store",
+                       teacher_store=str(reps))
+    ck2 = sft("stage2", "stage 2 (latents see the helper image; alignment via latents)", c2)
     lats = out / "teacher_latents"
     timed("teacher latents (stage-2 model, latent positions)",
           lambda: run_precompute(replace(c2, model=str(ck2)), "teacher-latents", lats, dtype="float32",
                                  progress=progress))
-    c3 = _stage_config(s, out, 3, ck1, data, teacher="store", teacher_store=str(lats))
-    ck3 = Path(timed("stage 3 (no helper images; latent distillation)",
-                     lambda: run_sft(c3, overwrite=True, progress=progress))["checkpoint"])
+    c3 = _stage_config(s, out, 3, ck1, data.train_json, data.root, "stage3", s.epochs[2], teacher="store",
+                       teacher_store=str(lats))
+    ck3 = sft("stage3", "stage 3 (no helper images; latent distillation)", c3)
+    checkpoints = {"stage1": ck1, "stage2": ck2, "stage3": ck3}
+    # Controls: same samples, same init (stage-1 weights), same epochs as stage 3, CE only.
+    for kind, title in (("direct", "control (a): direct answer"), ("text", "control (b): text-only reasoning")):
+        train = write_control(data.train_json, data.root / f"train_{kind}.json", kind)
+        cfg = _stage_config(s, out, 1, ck1, train, data.root, f"control_{kind}", s.epochs[2], teacher="none")
+        checkpoints[kind] = sft(f"control_{kind}", title, cfg)
 
-    reports = {}
-    # The stage-1 model is trained to see the helper image it asks for: it is scored with the
-    # reference helper image inserted when it emits <|vision_start|> ("stage1+zoom"), and without.
-    for name, ck, helpers in (("stage1+zoom", ck1, True), ("stage1", ck1, False), ("stage3", ck3, False)):
-        def ev(ck=ck, helpers=helpers):
-            model, processor = load_model(ck, latent_size=s.latent_size)
-            return evaluate_sft_file(model, processor, data.eval_json, max_new_tokens=s.max_new_tokens,
-                                     batch_size=s.eval_batch_size, progress=progress, helper_images=helpers)
-        reports[name] = timed(f"evaluate {name} model", ev)
-
+    rows = evaluate_rows(out, s, data.eval_json, checkpoints, timed, progress)
     report = {
         "settings": asdict(s),
-        "checkpoints": {"stage1": str(ck1), "stage2": str(ck2), "stage3": str(ck3)},
-        "eval": {k: {kk: vv for kk, vv in v.to_dict().items() if kk != "samples"} for k, v in reports.items()},
-        "examples": {k: v.samples[:3] for k, v in reports.items()},
+        "data": {"task": s.task, "train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
+                 "n_eval": s.n_eval},
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        "rows": rows,
+        "goals": goals(rows),
+        "curves": training_curves(out, list(checkpoints)),
         "timings_s": timings,
-        "total_s": round(time.perf_counter() - t0, 1),
     }
+    from monet.quickstart_figure import write_figure
+
+    report["figure"] = str(write_figure(report, out / "report.png"))
+    report["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     printer("\n" + format_report(report))
-    printer(f"\nreport: {out / 'report.json'}")
+    printer(f"\nreport: {out / 'report.json'}  figure: {out / 'report.png'}")
     return report
 
 
-#: Column titles of the summary table.
-EVAL_TITLES = {"stage1+zoom": "stage-1 + zoom", "stage1": "stage-1 model", "stage3": "stage-3 model"}
+def chance_of(reference: str | None) -> int:
+    """Number of options within the asked attribute of a synthetic answer (6 colours or 3 shapes)."""
+    from monet.data.synth import COLOURS, SHAPES
+
+    if reference in COLOURS:
+        return len(COLOURS)
+    if reference in SHAPES:
+        return len(SHAPES)
+    raise ValueError(f"reference answer {reference!r} is neither a colour nor a shape of the synthetic task")
+
+
+def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints: dict[str, Path], timed,
+                  progress: bool) -> list[dict]:
+    """Evaluate every row of :data:`ROWS` on ``eval_json`` with its own checkpoint (one model in
+    memory at a time); returns the report rows."""
+    from monet.eval import diagnostics as diag
+    from monet.eval.ablations import partner_latents
+    from monet.eval.checkpoint_hash import checkpoint_hash
+    from monet.eval.evaluate import evaluate_sft_file
+    from monet.model.loading import load_model
+
+    plan = {"direct": ("direct", False, None), "text": ("text", False, None), "stage3": ("stage3", False, None),
+            "oracle": ("stage1", True, None), "stage3-zeros": ("stage3", False, "zeros"),
+            "stage3-other": ("stage3", False, "other")}
+    reports, rows, loaded = {}, [], {}
+    for name, (ck_name, helpers, ablation) in plan.items():
+        ck = checkpoints[ck_name]
+        if ck_name not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[ck_name] = load_model(ck, latent_size=s.latent_size)
+        model, processor = loaded[ck_name]
+        partners = None
+        if ablation == "other":
+            base = reports["stage3"]
+            keys = [r["key"] for r in base.samples]
+            partners = {k: v for k, (_, v) in partner_latents(keys, base.latents, s.seed).items()}
+
+        def ev(model=model, processor=processor, helpers=helpers, ablation=ablation, partners=partners):
+            return evaluate_sft_file(model, processor, eval_json, max_new_tokens=s.max_new_tokens,
+                                     batch_size=s.eval_batch_size, progress=progress, helper_images=helpers,
+                                     ablation=ablation, partner_latents=partners, seed=s.seed)
+
+        rep = timed(f"evaluate {name} ({ck_name} model)", ev)
+        reports[name] = rep
+        samples = rep.samples
+        n = len(samples)
+        correct = sum(r["correct"] for r in samples)
+        lo, hi = diag.wilson_interval(correct, n) if n else (0.0, 0.0)
+        lat = [rep.latents[r["key"]] for r in samples if r["key"] in rep.latents]
+        nonzero = [x for x in lat if bool((x.norm(dim=1) > 0).all())]
+        rate = diag.latent_span_rate([r["latent_spans"] for r in samples]) if n else None
+        row = {
+            "name": name, "title": ROWS[name][0], "what": ROWS[name][1],
+            "checkpoint": str(ck), "checkpoint_sha256": checkpoint_hash(ck)["sha256"],
+            "helper_images": helpers, "ablation": ablation,
+            "n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": [lo, hi],
+            "chance": diag.chance_level([chance_of(r["reference"]) for r in samples]) if n else None,
+            "answered": rep.answered, "degenerate": sum(r["verdict"] == "degenerate" for r in samples) / max(n, 1),
+            "latent_span_rate": rate.share_with_span if rate else None,
+            "latent_spans_per_answer": rate.spans_per_answer if rate else None,
+            "mean_helper_images": rep.mean_helper_images,
+            "latent_cosine_across": diag.cosine_across_answers(nonzero) if len(nonzero) >= 2 else None,
+            "latent_effective_rank": diag.effective_rank(lat) if lat else None,
+            "answers_changed_vs_stage3": None,
+            "examples": [{k: r[k] for k in ("key", "reference", "prediction", "correct", "output")}
+                         for r in samples[:3]],
+        }
+        if ablation is not None:
+            base = {r["key"]: r["prediction"] for r in reports["stage3"].samples}
+            row["answers_changed_vs_stage3"] = diag.answer_changed_share(
+                base, {r["key"]: r["prediction"] for r in samples})[0]
+        rows.append(row)
+    return rows
+
+
+def goals(rows: list[dict]) -> dict:
+    """The demo's three goals, measured on ``rows`` (None when a needed row has no samples)."""
+    by = {r["name"]: r for r in rows}
+    st3 = by["stage3"]
+    better = max((by["direct"], by["text"]), key=lambda r: r["accuracy"] or 0.0)
+    out: dict = {}
+    if st3["accuracy"] is None:
+        return {"note": "no held-out samples"}
+    margin = st3["accuracy"] - better["accuracy"]
+    out["stage3_vs_best_control"] = {
+        "best_control": better["name"], "margin": margin,
+        "intervals_disjoint": st3["ci95"][0] > better["ci95"][1],
+        "met": margin >= GOAL_MARGIN and st3["ci95"][0] > better["ci95"][1]}
+    cost = st3["accuracy"] - by["stage3-zeros"]["accuracy"]
+    out["zeroing_cost"] = {"cost": cost, "met": cost >= GOAL_MARGIN}
+    cos = st3["latent_cosine_across"]
+    out["latent_cosine"] = {"value": cos, "met": cos is not None and cos < GOAL_MAX_COSINE}
+    return out
+
+
+def training_curves(out: Path, names: list[str]) -> dict[str, list[list[float]]]:
+    """Run name -> [[step, loss], ...] read from each run's ``metrics.jsonl`` (rows without a
+    finite ``loss`` skipped)."""
+    curves = {}
+    for name in names:
+        path = out / ("control_" + name if name in ("direct", "text") else name) / "metrics.jsonl"
+        pts = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if isinstance(row.get("loss"), (int, float)) and isinstance(row.get("step"), int):
+                    pts.append([row["step"], float(row["loss"])])
+        curves[name] = pts
+    return curves
 
 
 def format_report(report: dict) -> str:
-    ev = report["eval"]
-    models = list(ev)
-    rows = [("accuracy", "accuracy", "{:.1%}"), ("answers with a \\boxed{}", "answered", "{:.1%}"),
-            ("answers using a latent span", "latent_usage", "{:.1%}"),
-            ("latent spans per answer", "mean_latent_spans", "{:.2f}"),
-            ("helper images per answer", "mean_helper_images", "{:.2f}"),
-            ("mean pairwise latent cosine", "mean_pairwise_latent_cosine", "{:.3f}")]
-    n = ev[models[-1]]["n"]
-    lines = [f"{'held-out (' + str(n) + ' samples)':<32}" + "".join(f"{EVAL_TITLES.get(m, m):>16}" for m in models)]
-    for label, key, fmt in rows:
-        cells = [("-" if ev[m].get(key) is None else fmt.format(ev[m][key])) for m in models]
-        lines.append(f"{label:<32}" + "".join(f"{c:>16}" for c in cells))
-    lines.append("(stage-1 + zoom: the reference helper image is inserted when the stage-1 model asks for it)")
-    lines.append(f"{'total time':<32}{report['total_s']:>15.0f}s")
+    """The console table: one line per row, then the goals."""
+    def pct(x):
+        return "-" if x is None else f"{100 * x:5.1f}%"
+
+    def num(x, f="{:.3f}"):
+        return "-" if x is None else f.format(x)
+
+    rows = report["rows"]
+    n = rows[0]["n"] if rows else 0
+    head = (f"{'held-out (' + str(n) + ' samples)':<34}{'acc':>7}{'95% Wilson':>16}{'chance':>8}"
+            f"{'boxed':>8}{'span':>8}{'cos':>7}{'eff.rk':>8}{'changed':>9}")
+    lines = [head]
+    for r in rows:
+        ci = f"[{100 * r['ci95'][0]:4.1f},{100 * r['ci95'][1]:5.1f}]"
+        lines.append(f"{r['title']:<34}{pct(r['accuracy']):>7}{ci:>16}{pct(r['chance']):>8}{pct(r['answered']):>8}"
+                     f"{pct(r['latent_span_rate']):>8}{num(r['latent_cosine_across']):>7}"
+                     f"{num(r['latent_effective_rank'], '{:.2f}'):>8}{pct(r['answers_changed_vs_stage3']):>9}")
+    g = report.get("goals", {})
+    if "stage3_vs_best_control" in g:
+        a, z, c = g["stage3_vs_best_control"], g["zeroing_cost"], g["latent_cosine"]
+        lines.append(f"goal: stage 3 - best control ({a['best_control']}) = {100 * a['margin']:+.1f} points "
+                     f"(>= +10, disjoint intervals): {'met' if a['met'] else 'NOT met'}")
+        lines.append(f"goal: zeroing the latents costs {100 * z['cost']:+.1f} points (>= 10): "
+                     f"{'met' if z['met'] else 'NOT met'}")
+        lines.append(f"goal: mean pairwise latent cosine {num(c['value'])} (< 0.5): {'met' if c['met'] else 'NOT met'}")
+    lines.append("(span: answers with a latent span; cos / eff.rk: latent collapse across answers; changed: share "
+                 "of final answers an ablation changed vs stage 3)")
+    if "total_s" in report:
+        lines.append(f"{'total time':<34}{report['total_s']:>7.0f}s")
     return "\n".join(lines)

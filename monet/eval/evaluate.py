@@ -15,9 +15,17 @@ stage-1 model never sees the image it asks for and its answer after that point i
 The generated text of each round is passed on as prompt text (re-tokenised), and
 ``max_new_tokens`` bounds the answer over all rounds.
 
-Latent diagnostics: the share of answers that used at least one latent span and the mean pairwise
-cosine similarity of the latent vectors across answers (near 1 means the latents carry no
-sample-specific information).
+Scoring: :class:`monet.scoring.Scorer` (rules only: degenerate output is never correct, then the
+final answer against the reference). Latent diagnostics: the share of answers that used at least
+one latent span and the mean pairwise cosine similarity of the latent vectors across answers (near
+1 means the latents carry no sample-specific information); the per-answer latent vectors are kept
+in :attr:`EvalReport.latents` (not serialised) for further diagnostics.
+
+``ablation`` (a name of :data:`monet.eval.ablations.ABLATIONS`, e.g. ``zeros`` or ``other``)
+replaces every latent the model produces by the ablated vector at the moment it becomes the next
+input (:class:`monet.LatentAblation` via ``generate(ablations=...)``); ``other`` needs
+``partner_latents`` (sample key -> the [n, D] latents to feed, e.g. another sample's baseline
+latents from :func:`monet.eval.ablations.partner_latents`).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monet.data.image_budget import ImageBudget, ProcessorGeometry, stage_budget
-from monet.eval.answers import extract_boxed, normalize_answer
+from monet.eval.answers import extract_boxed
 from monet.render import render_latent_text
 from monet.tokens import LatentTokenIds
 
@@ -51,10 +59,13 @@ class EvalReport:
     rejected: int = 0  # samples of the file that failed validation (not scored)
     helper_images: bool = False
     mean_helper_images: float = 0.0  # helper images inserted per answer (helper_images=True)
+    ablation: str | None = None
     samples: list[dict] = field(default_factory=list)
+    # sample key -> [n, D] latents the answer produced (all spans); absent when none. Not serialised.
+    latents: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "latents"}
 
 
 def mean_pairwise_cosine(vectors: list[torch.Tensor]) -> float | None:
@@ -133,15 +144,17 @@ class _Answer:
     helpers: int = 0
 
 
-def _generate(model, processor, samples, images, *, helper_images, max_new_tokens, gen_kw) -> list[_Answer]:
+def _generate(model, processor, samples, images, *, helper_images, max_new_tokens, gen_kw,
+              ablations=None) -> list[_Answer]:
     """Answers for a chunk of samples, inserting reference helper images when asked for."""
     from monet.model.decoding import generate
     from monet.model.requests import LatentRequest
 
     answers = [_Answer() for _ in samples]
     if not helper_images:
+        extra = {} if ablations is None else {"ablations": ablations}
         outs = generate(model, processor, [{"messages": prompt_messages(s, im)} for s, im in zip(samples, images)],
-                        max_new_tokens=max_new_tokens, return_latents=True, **gen_kw)
+                        max_new_tokens=max_new_tokens, return_latents=True, **gen_kw, **extra)
         for a, o in zip(answers, outs):
             a.text, a.rendered, a.latent_spans, a.tokens = o.text, o.rendered, o.num_latent_spans, len(o.token_ids)
             if o.latents is not None and o.latents.shape[0]:
@@ -204,13 +217,25 @@ def evaluate_sft_file(
     progress: bool = True,
     image_budget: ImageBudget | None = None,
     helper_images: bool = False,
+    ablation: str | None = None,
+    partner_latents: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> EvalReport:
     """Greedy-decode every valid sample's prompt and score its ``\\boxed{}`` answer.
 
     ``image_budget`` (default: the stage-3 training budget) sizes the question images as training
     does; ``helper_images`` inserts the reference helper images when the model asks for them
-    (module docstring)."""
+    (module docstring); ``ablation`` / ``partner_latents`` replace the latents (module docstring)."""
     from monet.data.sft_loader import load_sft_dataset
+    from monet.eval.ablations import build_ablation, parse_ablations
+    from monet.scoring import ScoreItem, Scorer, ScorerConfig
+
+    if ablation is not None:
+        parse_ablations([ablation])
+        if helper_images:
+            raise ValueError("ablation: helper_images=True evaluates stage-1 models, which have no latents to ablate")
+        if ablation == "other" and partner_latents is None:
+            raise ValueError("ablation 'other' needs partner_latents (sample key -> latents)")
 
     path = Path(eval_json)
     if not path.is_file():
@@ -221,20 +246,32 @@ def evaluate_sft_file(
     budget = image_budget or stage_budget(3)
     proc = eval_processor(processor, budget)
     gen_kw = dict(latent_size=latent_size, layout=layout)
-    rows, latent_means = [], []
+    emb = model.get_input_embeddings() if model is not None and hasattr(model, "get_input_embeddings") else None
+    hidden = getattr(emb, "embedding_dim", None)  # ablation "other": a partner without latents -> [0, D]
+    scorer = Scorer(ScorerConfig(use_math_verify=False))
+    rows, latent_means, latents = [], [], {}
     for s in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress):
         chunk = samples[s:s + batch_size]
         images = [prompt_images(x, processor, budget) for x in chunk]
+        abl = None
+        if ablation is not None:
+            abl = [build_ablation(ablation, x.key, seed, (partner_latents or {}).get(x.key, torch.zeros(0)),
+                                  hidden) for x in chunk]
         answers = _generate(model, proc, chunk, images, helper_images=helper_images,
-                            max_new_tokens=max_new_tokens, gen_kw=gen_kw)
-        for sample, a in zip(chunk, answers):
-            ref = _reference(sample)
+                            max_new_tokens=max_new_tokens, gen_kw=gen_kw, ablations=abl)
+        refs = [_reference(x) for x in chunk]
+        scores = scorer.score_many([ScoreItem(a.text, ref or "") for a, ref in zip(answers, refs)])
+        for sample, a, ref, sc in zip(chunk, answers, refs, scores):
             pred = extract_boxed(a.text)
-            ok = pred is not None and normalize_answer(pred) == normalize_answer(ref)
+            ok = ref is not None and sc.correct
             if a.latents:
-                latent_means.append(torch.cat(a.latents).mean(0))
+                cat = torch.cat(a.latents).float()
+                latents[sample.key] = cat
+                latent_means.append(cat.mean(0))
             rows.append({"key": sample.key, "reference": ref, "prediction": pred, "correct": ok,
+                         "verdict": sc.verdict.value, "decided_by": sc.decided_by,
                          "latent_spans": a.latent_spans, "helper_images": a.helpers, "output": a.rendered})
+    scorer.close()
     n = len(rows)
     return EvalReport(
         n=n,
@@ -246,5 +283,7 @@ def evaluate_sft_file(
         rejected=report.rejected,
         helper_images=helper_images,
         mean_helper_images=sum(r["helper_images"] for r in rows) / max(n, 1),
+        ablation=ablation,
         samples=rows,
+        latents=latents,
     )
