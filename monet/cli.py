@@ -178,7 +178,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a few steps per stage and 8 held-out samples (CI smoke run)")
     p.add_argument("--epochs", default=None,
-                   help="S1,S2,S3 epochs of the stages (the controls train with S3); default 3,1,1")
+                   help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation")
     p.add_argument("--task", choices=["zoom", "multihop"], default="zoom",
                    help="synthetic task: one zoom-in (default) or the two-hop arrow lookup (docs/demo.md)")

