@@ -156,6 +156,31 @@ def _sample_json(scene: _Scene, sample_id: str, scene_path: str, helper_path: st
 _atomic_write_bytes = atomic_write_bytes
 
 
+def disjoint_splits(make_scene, prefix: str, counts: dict[str, int]) -> dict[str, list]:
+    """Scenes per split, in ``counts`` order, each drawn from its own RNG stream
+    (``{prefix}/{split}/{i}``); scenes of later splits are redrawn (``/{attempt}``) until their
+    ``signature()`` repeats no earlier scene (the first split may repeat itself). Deterministic."""
+    out: dict[str, list] = {}
+    seen: set = set()
+    for k, (split, count) in enumerate(counts.items()):
+        scenes = []
+        for i in range(count):
+            if k == 0:
+                scene = make_scene(random.Random(f"{prefix}/{split}/{i}"))
+            else:
+                attempt = 0
+                while True:
+                    scene = make_scene(random.Random(f"{prefix}/{split}/{i}/{attempt}"))
+                    if scene.signature() not in seen:
+                        break
+                    attempt += 1
+                seen.add(scene.signature())  # unique within this split too
+            scenes.append(scene)
+        seen.update(s.signature() for s in scenes)
+        out[split] = scenes
+    return out
+
+
 def check_output_dir(path: Path) -> None:
     """Raise ``ValueError`` naming ``path`` when it (or a parent) exists but is not a directory."""
     for p in (path, *path.parents):
@@ -205,18 +230,7 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: in
     out = Path(out_dir)
     check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    train = [_random_scene(random.Random(f"monet-synth/{seed}/train/{i}")) for i in range(n)]
-    seen = {s.signature() for s in train}
-    evals = []
-    for i in range(n_eval):
-        attempt = 0
-        while True:
-            scene = _random_scene(random.Random(f"monet-synth/{seed}/eval/{i}/{attempt}"))
-            if scene.signature() not in seen:
-                break
-            attempt += 1
-        seen.add(scene.signature())
-        evals.append(scene)
-    train_json = _write_split(out, "train", train)
-    eval_json = _write_split(out, "eval", evals)
+    scenes = disjoint_splits(_random_scene, f"monet-synth/{seed}", {"train": n, "eval": n_eval})
+    train_json = _write_split(out, "train", scenes["train"])
+    eval_json = _write_split(out, "eval", scenes["eval"])
     return SynthDataset(out, train_json, eval_json, n, n_eval, seed)

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
-from monet.data.synth import COLOURS, SHAPES, SYSTEM_PROMPT, _article, _atomic_write_bytes, _png_bytes, \
-    check_output_dir
+from monet.data.synth import (COLOURS, SHAPES, SYSTEM_PROMPT, _article, _atomic_write_bytes, _png_bytes,
+                              check_output_dir, disjoint_splits)
 
 DATASET_NAME = "Synth_MultiHop"
 GRID = 4
@@ -223,22 +223,7 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
     """The scenes of the three splits (no scene of val/eval repeats one of an earlier split)."""
     if min(n, n_val, n_eval) < 0:
         raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
-    train = [random_scene(random.Random(f"monet-multihop/{seed}/train/{i}")) for i in range(n)]
-    seen = {s.signature() for s in train}
-    out = {"train": train}
-    for split, count in (("val", n_val), ("eval", n_eval)):
-        scenes = []
-        for i in range(count):
-            attempt = 0
-            while True:
-                scene = random_scene(random.Random(f"monet-multihop/{seed}/{split}/{i}/{attempt}"))
-                if scene.signature() not in seen:
-                    break
-                attempt += 1
-            seen.add(scene.signature())
-            scenes.append(scene)
-        out[split] = scenes
-    return out
+    return disjoint_splits(random_scene, f"monet-multihop/{seed}", {"train": n, "val": n_val, "eval": n_eval})
 
 
 def synthesize_multihop(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,
