@@ -175,6 +175,13 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-eval", type=int, default=None)
+    p.add_argument("--n-val", type=int, default=None, help="validation samples (default 500)")
+    p.add_argument("--split", choices=["eval", "val"], default="eval",
+                   help="split the rows are evaluated on: the held-out split (default) or the validation split "
+                        "(use val for tuning settings, so the held-out split stays untouched)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every stage and control")
+    p.add_argument("--vlpo-steps", type=int, default=None,
+                   help="steps of the VLPO phase after stage 3 (0 skips it; default 8, --fast 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a few steps per stage and 8 held-out samples (CI smoke run)")
     p.add_argument("--epochs", default=None,
@@ -195,6 +202,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         settings.n_train = args.n_train
     if args.n_eval is not None:
         settings.n_eval = args.n_eval
+    if args.n_val is not None:
+        settings.n_val = args.n_val
+    if args.lr is not None:
+        settings.lr = args.lr
+    if args.vlpo_steps is not None:
+        settings.vlpo_steps = args.vlpo_steps
+    settings.eval_split = args.split
     if args.epochs is not None:
         try:
             epochs = tuple(float(x) for x in args.epochs.split(","))
@@ -209,6 +223,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         settings.max_new_tokens = args.max_new_tokens
     settings.labels = args.labels
     settings.task = args.task
+    settings.__post_init__()  # validate the combination
     run_quickstart(args.out, settings)
     return 0
 

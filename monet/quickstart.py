@@ -47,6 +47,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "oracle": ("(d) oracle: stage 1 + true zoom", "stage-1 model, reference helper image inserted when it zooms"),
     "stage3-zeros": ("(e) stage 3, latents zeroed", "stage-3 model, every latent replaced by zeros"),
     "stage3-other": ("(e) stage 3, other's latents", "stage-3 model, latents of another held-out sample"),
+    "vlpo": ("(f) stage 3 + VLPO", "stage-3 model after the short VLPO phase on the training questions"),
 }
 #: Thresholds of the demo's goals (measured, reported; nothing depends on them).
 GOAL_MARGIN = 0.10
@@ -61,6 +62,10 @@ class QuickstartSettings:
     # The defaults were measured end to end (docs/demo.md): 412 s for the quickstart on 2 cores.
     n_train: int = 2000
     n_eval: int = 500
+    # validation split (disjoint scenes): settings are tuned on it with eval_split="val", so the
+    # held-out split is touched once per run
+    n_val: int = 500
+    eval_split: str = "eval"
     latent_size: int = 4
     micro_batch_size: int = 16
     grad_accum: int = 1
@@ -78,16 +83,32 @@ class QuickstartSettings:
     # "zoom" (monet.data.synth: one small shape in a named corner) or "multihop"
     # (monet.data.synth_multihop: find a small arrow, follow it two cells, read the shape there)
     task: str = "zoom"
+    # A short VLPO phase after stage 3 (monet.rl, HF rollouts on CPU) on the training split's
+    # questions; 0 skips it. Its row (f) is evaluated like the others.
+    vlpo_steps: int = 8
+    vlpo_lr: float = 1e-5
+    vlpo_n: int = 4  # rollouts per prompt (GRPO group size)
+    vlpo_prompts: int = 8  # prompts per rollout round
+    vlpo_latent_noise: float = 0.5  # exploration noise of the latents (VLPOConfig.latent_noise)
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"quickstart task must be one of {TASKS}, got {self.task!r}")
+        if self.eval_split not in ("eval", "val"):
+            raise ValueError(f"eval_split must be 'eval' (held-out) or 'val' (tuning), got {self.eval_split!r}")
+        if self.eval_split == "val" and self.n_val < 1:
+            raise ValueError("eval_split='val' needs n_val >= 1")
+        if not (self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.vlpo_steps < 0 or self.vlpo_n < 2 or self.vlpo_prompts < 1 or not self.vlpo_lr > 0:
+            raise ValueError("vlpo_steps must be >= 0, vlpo_n >= 2 (a GRPO group needs two rollouts), vlpo_prompts >= 1 "
+                             f"and vlpo_lr > 0; got {self.vlpo_steps}, {self.vlpo_n}, {self.vlpo_prompts}, {self.vlpo_lr}")
 
     @classmethod
     def default(cls, *, fast: bool = False, preset: str = "tiny", seed: int = 0) -> "QuickstartSettings":
         if fast:
-            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, max_steps=3, max_new_tokens=24,
-                       eval_batch_size=8)
+            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, n_val=0, max_steps=3, max_new_tokens=24,
+                       eval_batch_size=8, vlpo_steps=2, vlpo_n=2, vlpo_prompts=2)
         return cls(preset=preset, seed=seed)
 
 
@@ -129,9 +150,11 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         from monet.data.synth_multihop import synthesize_multihop
 
         data = timed("synthetic data (multi-hop)",
-                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed))
+                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val))
     else:
-        data = timed("synthetic data", lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed))
+        data = timed("synthetic data",
+                     lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val))
+    eval_json = data.val_json if s.eval_split == "val" else data.eval_json
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
     def sft(name, title, cfg):
@@ -158,16 +181,22 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         train = write_control(data.train_json, data.root / f"train_{kind}.json", kind)
         cfg = _stage_config(s, out, 1, ck1, train, data.root, f"control_{kind}", s.epochs[2], teacher="none")
         checkpoints[kind] = sft(f"control_{kind}", title, cfg)
+    vlpo_rows = None
+    if s.vlpo_steps:
+        checkpoints["vlpo"], vlpo_rows = timed("VLPO (stage 3 -> RL on the training questions)",
+                                               lambda: run_vlpo_phase(out, s, data, ck3, progress))
 
-    rows = evaluate_rows(out, s, data.eval_json, checkpoints, timed, progress)
+    rows = evaluate_rows(out, s, eval_json, checkpoints, timed, progress)
     report = {
         "settings": asdict(s),
         "data": {"task": s.task, "train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
-                 "n_eval": s.n_eval},
+                 "n_eval": s.n_eval, "n_val": s.n_val, "evaluated_split": s.eval_split,
+                 "evaluated": str(eval_json)},
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "rows": rows,
         "goals": goals(rows),
-        "curves": training_curves(out, list(checkpoints)),
+        "curves": training_curves(out, [k for k in checkpoints if k != "vlpo"]),
+        "vlpo": vlpo_summary(rows, vlpo_rows),
         "timings_s": timings,
     }
     from monet.quickstart_figure import write_figure
@@ -178,6 +207,57 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     printer("\n" + format_report(report))
     printer(f"\nreport: {out / 'report.json'}  figure: {out / 'report.png'}")
     return report
+
+
+def vlpo_config(out: Path, s: QuickstartSettings, rl_data: Path, model: Path):
+    """The quickstart's VLPO run: HF rollouts on CPU, the stage-3 model's K, greedy-length answers,
+    every group kept (a tiny model's groups are often all-wrong or all-right, which the difficulty
+    filter would drop and stall the phase), exploration noise on the latents."""
+    from monet.rl.config import VLPOConfig
+    from monet.rl.run_config import VLPORunConfig
+
+    return VLPORunConfig(
+        model=str(model), data=[str(rl_data)], output_dir=str(out / "vlpo"), engine="hf", steps=s.vlpo_steps,
+        prompts_per_rollout=s.vlpo_prompts, max_rounds_per_step=1, difficulty_filter=False, top_p=1.0,
+        max_response_tokens=s.max_new_tokens, latent_size=s.latent_size, micro_batch_size=8, lr=s.vlpo_lr,
+        dtype="float32", device="cpu", freeze_vision=True, seed=s.seed, keep_last=1,
+        vlpo=VLPOConfig(n=s.vlpo_n, temperature=1.0, latent_noise=s.vlpo_latent_noise, sigma=1.0,
+                        groups_per_batch=s.vlpo_prompts, buffer_groups=2 * s.vlpo_prompts))
+
+
+def run_vlpo_phase(out: Path, s: QuickstartSettings, data, ck3: Path, progress: bool) -> tuple[Path, list[dict]]:
+    """RL prompts from the training split (never a val/eval scene), ``vlpo_steps`` VLPO steps from
+    the stage-3 model, the policy exported as a plain checkpoint. Returns ``(policy dir, metrics rows)``."""
+    import shutil
+
+    from monet.rl.checkpoint import export_policy, latest_checkpoint
+    from monet.rl.data import rl_split_from_sft
+    from monet.rl.trainer import run_vlpo
+
+    rl = rl_split_from_sft(data.train_json, out / "data" / "rl.parquet", image_root=data.root)
+    cfg = vlpo_config(out, s, rl, ck3)
+    if Path(cfg.output_dir).exists():  # the quickstart owns its output folder (check_output_dir ran)
+        shutil.rmtree(cfg.output_dir)
+    rows = run_vlpo(cfg, printer=print if progress else (lambda *_: None))
+    policy = out / "vlpo_policy"
+    if policy.exists():
+        shutil.rmtree(policy)
+    return export_policy(latest_checkpoint(cfg.output_dir), policy), rows
+
+
+def vlpo_summary(rows: list[dict], vlpo_rows: list[dict] | None) -> dict | None:
+    """Before/after of the VLPO phase: held-out accuracy and latent-span rate of stage 3 and of the
+    VLPO policy (rows ``stage3`` / ``vlpo``) and the per-step rollout metrics."""
+    if vlpo_rows is None:
+        return None
+    by = {r["name"]: r for r in rows}
+    keep = ("reward/mean", "rollout/accuracy", "rollout/latent_span_rate", "text/kl", "latent/kl", "latent/share")
+    return {
+        "steps": len(vlpo_rows),
+        "before": {k: by["stage3"][k] for k in ("accuracy", "ci95", "latent_span_rate")},
+        "after": {k: by["vlpo"][k] for k in ("accuracy", "ci95", "latent_span_rate")},
+        "per_step": [{k: r.get(k) for k in ("step", *keep) if k in r} for r in vlpo_rows],
+    }
 
 
 def chance_of(reference: str | None) -> int:
@@ -203,7 +283,8 @@ def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints
 
     plan = {"direct": ("direct", False, None), "text": ("text", False, None), "stage3": ("stage3", False, None),
             "oracle": ("stage1", True, None), "stage3-zeros": ("stage3", False, "zeros"),
-            "stage3-other": ("stage3", False, "other")}
+            "stage3-other": ("stage3", False, "other"), "vlpo": ("vlpo", False, None)}
+    plan = {k: v for k, v in plan.items() if v[0] in checkpoints}
     reports, rows, loaded = {}, [], {}
     for name, (ck_name, helpers, ablation) in plan.items():
         ck = checkpoints[ck_name]
@@ -317,6 +398,11 @@ def format_report(report: dict) -> str:
         lines.append(f"goal: zeroing the latents costs {100 * z['cost']:+.1f} points (>= 10): "
                      f"{'met' if z['met'] else 'NOT met'}")
         lines.append(f"goal: mean pairwise latent cosine {num(c['value'])} (< 0.5): {'met' if c['met'] else 'NOT met'}")
+    v = report.get("vlpo")
+    if v:
+        b, a = v["before"], v["after"]
+        lines.append(f"VLPO ({v['steps']} steps): accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}, latent-span "
+                     f"rate {pct(b['latent_span_rate'])} -> {pct(a['latent_span_rate'])}")
     lines.append("(span: answers with a latent span; cos / eff.rk: latent collapse across answers; changed: share "
                  "of final answers an ablation changed vs stage 3)")
     if "total_s" in report:

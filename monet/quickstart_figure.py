@@ -4,8 +4,10 @@ One PNG, two panels (matplotlib Agg canvas, no pyplot global state):
 
 * left: training loss against the optimizer step for each run of the report's ``curves``
   (stage 1, 2, 3 and the controls), on a log scale when every value is positive;
-* right: one bar per evaluated row (accuracy in %), the 95% Wilson interval as an error bar and
-  the row's chance level as a short black line across its bar.
+* middle: one bar per evaluated row (accuracy in %), the 95% Wilson interval as an error bar and
+  the row's chance level as a short black line across its bar;
+* right (when the report has a VLPO phase): mean reward, rollout accuracy and latent-span rate of
+  the rollouts per VLPO step.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ def write_figure(report: dict, path: str | os.PathLike) -> Path:
     rows = report["rows"]
     if not rows:
         raise ValueError("write_figure: the report has no rows")
-    fig = Figure(figsize=(13, 4.8))
+    vlpo = (report.get("vlpo") or {}).get("per_step") or []
+    panels = 3 if vlpo else 2
+    fig = Figure(figsize=(6.5 * panels, 4.8))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1, ax2 = fig.add_subplot(1, panels, 1), fig.add_subplot(1, panels, 2)
     positive = True
     for name, pts in report.get("curves", {}).items():
         if pts:
@@ -51,11 +55,24 @@ def write_figure(report: dict, path: str | os.PathLike) -> Path:
             ax2.hlines(100 * r["chance"], x - 0.4, x + 0.4, colors="black", linewidth=1.5)
     ax2.set_xticks(xs)
     ax2.set_xticklabels([r["title"] for r in rows], rotation=25, ha="right", fontsize=8)
-    ax2.set_ylabel("held-out accuracy (%)")
+    split = "validation" if report.get("data", {}).get("evaluated_split") == "val" else "held-out"
+    ax2.set_ylabel(f"{split} accuracy (%)")
     ax2.set_ylim(0, 100)
     n = rows[0]["n"]
-    ax2.set_title(f"held-out accuracy, {n} samples (95% Wilson; black line: chance)")
+    ax2.set_title(f"{split} accuracy, {n} samples (95% Wilson; black line: chance)")
     ax2.grid(axis="y", alpha=0.3)
+    if vlpo:
+        ax3 = fig.add_subplot(1, panels, 3)
+        for key, label in (("reward/mean", "mean reward"), ("rollout/accuracy", "rollout accuracy"),
+                           ("rollout/latent_span_rate", "rollouts with a latent span")):
+            pts = [(r["step"], r[key]) for r in vlpo if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax3.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, linewidth=1.2)
+        ax3.set_xlabel("VLPO step")
+        ax3.set_ylim(-0.05, 1.05)
+        ax3.set_title("VLPO rollouts (training questions)")
+        ax3.grid(alpha=0.3)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

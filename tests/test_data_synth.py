@@ -64,3 +64,25 @@ def test_deterministic_by_seed_and_eval_held_out(tmp_path):
     assert len(eval_imgs) == 5 and not train_imgs & eval_imgs
     ids = [s["metadata"]["sample_id"] for s in json.loads(a.eval_json.read_text())]
     assert ids == [f"eval-{i:06d}" for i in range(5)]
+
+
+def test_validation_split_is_disjoint_and_leaves_train_unchanged(tmp_path):
+    """n_val > 0 adds val.json whose scenes repeat no training scene and which no eval scene repeats;
+    the training split is the same bytes as without it; n_val = 0 writes no val.json."""
+    plain = synthesize_dataset(tmp_path / "p", n=40, n_eval=30, seed=2)
+    ds = synthesize_dataset(tmp_path / "v", n=40, n_eval=30, seed=2, n_val=30)
+    assert plain.val_json is None and not (plain.root / "val.json").exists()
+    assert ds.val_json == ds.root / "val.json" and ds.n_val == 30
+    assert ds.train_json.read_bytes() == plain.train_json.read_bytes()
+    vals, report = load_sft_dataset(ds.val_json, ds.root)
+    assert len(vals) == 30 and report.rejected == 0
+    assert [s.sample_id for s in vals] == [f"val-{i:06d}" for i in range(30)]
+
+    def scenes(split):
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in (ds.root / "images" / split).glob("0?????.png")}
+
+    train, val, ev = scenes("train"), scenes("val"), scenes("eval")
+    assert len(val) == 30 and len(ev) == 30
+    assert not train & val and not train & ev and not val & ev
+    again = synthesize_dataset(tmp_path / "v2", n=40, n_eval=30, seed=2, n_val=30)
+    assert _digest(again.root) == _digest(ds.root)

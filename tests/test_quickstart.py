@@ -143,16 +143,23 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--fast"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["checkpoints"]) == {"stage1", "stage2", "stage3", "direct", "text"}
+    assert set(report["checkpoints"]) == {"stage1", "stage2", "stage3", "direct", "text", "vlpo"}
     assert (out / "teacher_reps" / "index.json").is_file() and (out / "teacher_latents" / "index.json").is_file()
     # every row from its own model: the recorded weights digest is the digest of the right checkpoint,
     # and the four trained models the rows use are four different sets of weights
     own = {"direct": "direct", "text": "text", "stage3": "stage3", "oracle": "stage1",
-           "stage3-zeros": "stage3", "stage3-other": "stage3"}
+           "stage3-zeros": "stage3", "stage3-other": "stage3", "vlpo": "vlpo"}
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == list(ROWS)
     shas = {name: checkpoint_hash(report["checkpoints"][name])["sha256"] for name in set(own.values())}
-    assert len(set(shas.values())) == 4
+    assert len(set(shas.values())) == 5  # VLPO changed the stage-3 weights
+    # the VLPO phase: its own run folder and metrics, its policy exported, before/after from the rows
+    v = report["vlpo"]
+    assert v["steps"] == 2 == len(v["per_step"]) and [r["step"] for r in v["per_step"]] == [1, 2]
+    assert v["before"]["accuracy"] == rows["stage3"]["accuracy"] and v["after"]["accuracy"] == rows["vlpo"]["accuracy"]
+    assert v["after"]["latent_span_rate"] == rows["vlpo"]["latent_span_rate"]
+    assert len((out / "vlpo" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "vlpo_policy" / "monet_config.json").is_file()
     answers = [re.findall(r"\\boxed\{([^{}]*)\}", s["data"][-1]["content"][-1]["text"])[-1]
                for s in json.loads((out / "data" / "eval.json").read_text())]
     chance = sum(1 / 6 if a in COLOURS else 1 / 3 for a in answers if a in COLOURS or a in SHAPES) / len(answers)
@@ -167,11 +174,12 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
         assert (r["answers_changed_vs_stage3"] is None) == (r["ablation"] is None)
         assert 0.0 <= r["latent_span_rate"] <= 1.0
     assert set(report["goals"]) == {"stage3_vs_best_control", "zeroing_cost", "latent_cosine"}
-    assert {k: len(v) for k, v in report["curves"].items()} == {k: 3 for k in report["checkpoints"]}
+    assert {k: len(v) for k, v in report["curves"].items()} == {k: 3 for k in report["checkpoints"] if k != "vlpo"}
     with Image.open(out / "report.png") as im:
         assert im.format == "PNG" and im.size[0] > 800
     text = capsys.readouterr().out
     assert "(c) Monet stage 3" in text and "95% Wilson" in text and "goal: zeroing the latents" in text
+    assert "VLPO (2 steps): accuracy" in text
 
 
 def test_oracle_inserts_both_multihop_helper_images_in_order(tmp_path, monkeypatch):
@@ -208,7 +216,10 @@ def test_oracle_inserts_both_multihop_helper_images_in_order(tmp_path, monkeypat
 @pytest.mark.parametrize("args,msg", [(["--epochs", "1,2"], "--epochs: expected three positive numbers"),
                                       (["--epochs", "1,x,2"], "--epochs: expected three positive numbers"),
                                       (["--epochs", "1,0,2"], "--epochs: expected three positive numbers"),
-                                      (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")])
+                                      (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                                      (["--split", "val", "--n-val", "0"], "eval_split='val' needs n_val >= 1"),
+                                      (["--vlpo-steps", "-1"], "vlpo_steps must be >= 0"),
+                                      (["--lr", "0"], "lr must be > 0")])
 def test_quickstart_bad_options_exit_2_before_writing(tmp_path, capsys, args, msg):
     from monet.cli import main
 

@@ -13,7 +13,7 @@ import torch
 
 from monet.rl import VLPOConfig
 from monet.rl import checkpoint as ck
-from monet.rl.data import load_rl_parquet, reference_answer, synthesize_rl_split, write_rl_parquet
+from monet.rl.data import load_rl_parquet, reference_answer, rl_split_from_sft, synthesize_rl_split, write_rl_parquet
 from monet.rl.rewards import format_ok, grade_rollouts
 from monet.rl.run_config import VLPORunConfig
 from monet.rl.sampler import DifficultySampler
@@ -41,6 +41,37 @@ def test_synthetic_rl_split_roundtrip_and_determinism(tmp_path):
         assert e.answer in set(COLOURS) | set(SHAPES)
         assert "\\boxed{}" in e.question and e.images[0].size == (112, 112)
     assert [e.index for e in ex] == list(range(5))
+
+
+@pytest.mark.parametrize("task", ["zoom", "multihop"])
+def test_rl_split_from_sft_keeps_question_image_and_answer(tmp_path, task):
+    """Each RL row is its SFT sample's question text, the question image's bytes and the reference
+    boxed answer; no helper image or reasoning text is carried over."""
+    from PIL import Image
+
+    from monet.data import load_sft_dataset
+    from monet.data.synth import synthesize_dataset
+    from monet.data.synth_multihop import synthesize_multihop
+
+    make = synthesize_dataset if task == "zoom" else synthesize_multihop
+    ds = make(tmp_path / "d", 6, 0, seed=2)
+    out = rl_split_from_sft(ds.train_json, tmp_path / "rl.parquet", image_root=ds.root, limit=5)
+    ex, rep = load_rl_parquet(out)
+    samples, _ = load_sft_dataset(ds.train_json, ds.root)
+    assert rep.loaded == 5 and not rep.rejected
+    for e, s in zip(ex, samples):
+        raw = json.loads(ds.train_json.read_text())[[x.key for x in samples].index(s.key)]
+        final = raw["data"][-1]["content"][-1]["text"]
+        assert final.endswith(f"\\boxed{{{e.answer}}}.")
+        assert e.question == raw["data"][1]["content"][1]["text"] and "<observation>" not in e.question
+        assert len(e.images) == 1
+        want = Image.open(s.question_images[0].file).convert("RGB")
+        assert e.images[0].tobytes() == want.tobytes()
+    bad = json.loads(ds.train_json.read_text())[:1]
+    bad[0]["data"][-1]["content"][-1]["text"] = "<observation>x</observation> no box here."
+    (ds.root / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="Synth_.*train-000000.*boxed"):
+        rl_split_from_sft(ds.root / "bad.json", tmp_path / "bad.parquet", image_root=ds.root)
 
 
 def test_bad_rows_are_rejected_with_reasons_not_fatal(tmp_path):

@@ -56,6 +56,8 @@ class SynthDataset:
     n: int
     n_eval: int
     seed: int
+    val_json: Path | None = None  # written when n_val > 0: the split to tune on
+    n_val: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,21 +218,27 @@ def _write_split(out: Path, split: str, scenes: list[_Scene]) -> Path:
     return path
 
 
-def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0) -> SynthDataset:
-    """Write ``n`` training and ``n_eval`` held-out samples into ``out_dir``.
+def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,
+                       n_val: int = 0) -> SynthDataset:
+    """Write ``n`` training, ``n_val`` validation and ``n_eval`` held-out samples into ``out_dir``.
 
     Layout: ``out_dir/train.json`` and ``out_dir/eval.json`` (JSON lists in the Monet-SFT-125K
     format, dataset name ``Synth_Zoom``, sample ids ``train-000000``/``eval-000000``...) and the
     PNG images under ``out_dir/images/{train,eval}/`` referenced by paths relative to ``out_dir``.
     Eval samples carry the full reference assistant turn; the answer is its ``\\boxed{}``.
-    Same ``(n, n_eval, seed)`` -> byte-identical files. Returns a :class:`SynthDataset`.
+    With ``n_val > 0`` also ``out_dir/val.json`` (ids ``val-000000``...): the split to tune on.
+    No scene of val or eval repeats a scene of an earlier split (train, val, eval), so tuning on val
+    leaves eval untouched. Same ``(n, n_eval, seed, n_val)`` -> byte-identical files. Returns a
+    :class:`SynthDataset`.
     """
-    if n < 0 or n_eval < 0:
-        raise ValueError(f"n and n_eval must be >= 0, got {n}, {n_eval}")
+    if min(n, n_eval, n_val) < 0:
+        raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
     out = Path(out_dir)
     check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = disjoint_splits(_random_scene, f"monet-synth/{seed}", {"train": n, "eval": n_eval})
+    counts = {"train": n, "val": n_val, "eval": n_eval} if n_val else {"train": n, "eval": n_eval}
+    scenes = disjoint_splits(_random_scene, f"monet-synth/{seed}", counts)
     train_json = _write_split(out, "train", scenes["train"])
+    val_json = _write_split(out, "val", scenes["val"]) if n_val else None
     eval_json = _write_split(out, "eval", scenes["eval"])
-    return SynthDataset(out, train_json, eval_json, n, n_eval, seed)
+    return SynthDataset(out, train_json, eval_json, n, n_eval, seed, val_json, n_val)

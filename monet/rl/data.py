@@ -216,3 +216,34 @@ def synthesize_rl_split(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
         rows.append({"id": f"rl-{i:06d}", "images": [synth._png_bytes(synth._draw(scene))], "question": question,
                      "solution": f"\\boxed{{{answer}}}"})
     return write_rl_parquet(path, rows)
+
+
+def rl_split_from_sft(json_paths: str | os.PathLike | Sequence[str | os.PathLike], path: str | os.PathLike, *,
+                      image_root: str | os.PathLike | None = None, limit: int | None = None) -> Path:
+    """Write the questions of Monet-SFT samples as RL prompts (this module's parquet schema) to
+    ``path``: the user turn's text and images (PNG bytes as stored), ``solution`` = the reference
+    assistant turn's last ``\\boxed{}``. The reasoning trace and helper images are dropped.
+
+    The quickstart's VLPO phase runs on its own SFT *training* split this way, so RL never sees a
+    validation or held-out scene. A sample without a boxed answer is an error naming it (an RL
+    prompt without a reference could never be rewarded); ``limit`` keeps the first samples."""
+    from monet.data.sft_format import ImageItem, TextItem
+    from monet.data.sft_loader import load_sft_dataset
+
+    samples, report = load_sft_dataset(json_paths, image_root)
+    if report.rejected:
+        raise ValueError(f"{json_paths}: {report.rejected} sample(s) rejected; fix the data first:\n{report.summary()}")
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise ValueError(f"{json_paths}: no samples to convert")
+    rows = []
+    for s in samples:
+        question = " ".join(c.text for c in s.user.content if isinstance(c, TextItem)).strip()
+        images = [Path(c.file).read_bytes() for c in s.user.content if isinstance(c, ImageItem)]
+        last = next((c.text for c in reversed(s.assistant.content) if isinstance(c, TextItem)), "")
+        answer = extract_boxed(last)
+        if not answer:
+            raise ValueError(f"{s.key}: the reference assistant turn has no \\boxed{{}} answer; an RL prompt needs one")
+        rows.append({"id": str(s.key), "images": images, "question": question, "solution": f"\\boxed{{{answer}}}"})
+    return write_rl_parquet(path, rows)
