@@ -210,3 +210,53 @@ def test_cli_synth_rl_vlpo_and_export(ckpt, tmp_path, capsys):
                          check=True).stdout
     assert "monet.cli vlpo --config" in out and "configs/vlpo.yaml" in out and "--resume" in out
     assert f"model={tmp_path}/runs/stage3/checkpoint-LATEST" in out
+
+
+def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_run(ckpt, data, tmp_path):
+    """`monet vlpo` killed with SIGKILL (no cleanup, no atexit) after its second checkpoint, then
+    rerun with --resume: metrics rows and final weights equal an uninterrupted run's exactly (HF
+    rollouts are seeded per round; both runs single-threaded so reductions run in one order). The
+    run lock dies with the process, so the resume is not refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "vlpo.yaml"
+    cfg.write_text(run_config(ckpt, data, "run").to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "monet.cli", "vlpo", "--config", str(cfg), "--set", f"output_dir={out}",
+                "--set", "steps=4", "--set", "save_every=1", "--set", "keep_last=null", *extra]
+
+    straight = subprocess.run(cmd(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 900
+    try:
+        while latest_checkpoint(killed) is None or latest_checkpoint(killed).name != "checkpoint-2":
+            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint-2 within the time limit"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(killed).name in ("checkpoint-2", "checkpoint-3")  # never a partial one
+    resumed = subprocess.run(cmd(killed, "--resume"), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    rows = {name: [_strip(json.loads(x)) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("straight", "killed")}
+    assert [r["step"] for r in rows["killed"]] == [1, 2, 3, 4]
+    assert rows["killed"] == rows["straight"]
+    a = monet.load_model(latest_checkpoint(tmp_path / "straight"), dtype="float32")[0].state_dict()
+    b = monet.load_model(latest_checkpoint(killed), dtype="float32")[0].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
