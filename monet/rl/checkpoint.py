@@ -7,9 +7,10 @@ data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.safet
 tensors: optimiser moments, RNG state, latents of buffered rollouts), and ``vlpo_config.yaml``.
 ``OUTPUT/latest`` names the newest complete checkpoint.
 
-Crash safety: a checkpoint is written into a temporary folder, the JSON last, then renamed into
-place, and ``latest`` is replaced atomically afterwards; a crash never leaves a checkpoint that
-resume would pick half-written. Loading runs ``json.loads`` and safetensors only.
+Crash safety, retention and the refusal of non-finite weights are the SFT trainer's
+(:func:`monet.train.checkpoint.commit_checkpoint`): a checkpoint is written into a temporary folder,
+renamed into place, and ``latest`` is replaced atomically afterwards, so a crash never leaves a
+checkpoint that resume would pick half-written. Loading runs ``json.loads`` and safetensors only.
 
 :class:`RunLock` keeps two processes from writing one output directory: an advisory ``flock``
 that the kernel drops when its holder dies in any way, so a lock left by a killed run is never
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from monet.atomic import atomic_write_text
 
 LATEST = "latest"
 STATE_JSON = "vlpo_state.json"
@@ -121,64 +121,36 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, tensors:
 
 
 # -- folders ---------------------------------------------------------------------------------------
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out.glob("checkpoint-*") if out.is_dir() else []:
-        tail = p.name[len("checkpoint-"):]
-        if p.is_dir() and tail.isdigit():
-            found.append((int(tail), p))
-    return sorted(found)
-
-
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None, state: dict,
                     tensors: dict[str, torch.Tensor], config_yaml: str | None = None,
                     keep_last: int | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it; returns its path. A model
-    holding non-finite weights is refused (``ValueError`` naming the parameter)."""
+    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it; returns its path
+    (:func:`monet.train.checkpoint.commit_checkpoint`: the SFT trainer's rules for atomicity,
+    retention, full disks and non-finite weights, which are refused with
+    :class:`~monet.train.checkpoint.NonFiniteWeightsError` naming the parameter)."""
     from safetensors.torch import save_file
 
-    for name, p in model.named_parameters():
-        if p.numel() and not bool(torch.isfinite(p.detach()).all()):
-            raise ValueError(f"parameter {name} holds NaN/inf; refusing to write checkpoint-{step}")
+    from monet.train.checkpoint import commit_checkpoint
+
     json.dumps(state, allow_nan=False)  # fail before writing anything
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final = out / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
-    try:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        if config_yaml is not None:
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step,
-                                                  "state": state}, allow_nan=False))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(out / LATEST, final.name + "\n")
-    if keep_last:
-        others = [(s, p) for s, p in _checkpoints(out) if p != final]
-        older = [p for s, p in others if s < step]
-        doomed = [p for s, p in others if s > step] + older[:max(0, len(older) - (keep_last - 1))]
-        for p in doomed:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+
+    def write_state(folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
+        (folder / STATE_JSON).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, "step": step,
+                                                     "state": state}, allow_nan=False))
+
+    return commit_checkpoint(output_dir, step, model=model, processor=processor, write_state=write_state,
+                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` names; None when there is none. A dangling pointer is an error."""
-    pointer = Path(output_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    ckpt = Path(output_dir) / pointer.read_text().strip()
-    if not (ckpt / STATE_JSON).is_file():
-        raise CheckpointError(f"{pointer} names {ckpt}, which is not a complete VLPO checkpoint (no {STATE_JSON})")
-    return ckpt
+    from monet.train.checkpoint import latest_checkpoint as latest
+
+    try:
+        return latest(output_dir, state_file=STATE_JSON)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e} (not a complete VLPO checkpoint)") from None
 
 
 def load_state(checkpoint: str | os.PathLike) -> tuple[int, dict, dict[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -222,16 +222,17 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     return gone
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
-                    trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None,
-                    staged: Path | None = None) -> Path:
-    """Write ``checkpoint-STEP`` atomically and point ``latest`` at it. Returns its path.
+def commit_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
+                      write_state: Callable[[Path], None], config_file: str, config_yaml: str | None = None,
+                      keep_last: int | None = None, staged: Path | None = None) -> Path:
+    """The one way a trainer (SFT or VLPO) writes ``checkpoint-STEP``: refuse non-finite weights,
+    write the model, processor, ``config_file`` and the trainer's own state (``write_state(folder)``)
+    into a temporary folder (or ``staged``, see :func:`staging_dir`), rename it into place, point
+    ``latest`` at it, then apply ``keep_last``. Returns its path.
 
-    Refuses (:class:`NonFiniteWeightsError`) when a weight is NaN/inf. ``staged``: a folder (see
-    :func:`staging_dir`) that already holds parts written by other writers; it is completed and
-    renamed instead of a fresh temporary folder. ``keep_last``: afterwards keep this checkpoint and
-    the ``keep_last - 1`` newest ones before it; checkpoints with a higher step (left by a run that
-    was resumed from an earlier checkpoint) are deleted too. A full disk raises
+    ``keep_last``: afterwards keep this checkpoint and the ``keep_last - 1`` newest ones before it;
+    checkpoints with a higher step (left by a run that was resumed from an earlier checkpoint) are
+    deleted too; the checkpoint just written never is. A full disk raises
     :class:`monet.atomic.DiskFullError` naming the folder; the previous checkpoint stays intact.
     """
     check_finite_weights(model)
@@ -246,8 +247,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
         if processor is not None:
             processor.save_pretrained(tmp)
         if config_yaml is not None:
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-        write_trainer_state(tmp, trainer_state)
+            (tmp / config_file).write_text(config_yaml)
+        write_state(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -267,12 +268,28 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
     return final
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` names, or None when there is none. A dangling pointer is an error."""
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
+                    trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None,
+                    staged: Path | None = None) -> Path:
+    """Write an SFT ``checkpoint-STEP`` (:func:`commit_checkpoint` with the trainer state of
+    :func:`write_trainer_state` and ``sft_config.yaml``). Returns its path.
+
+    Refuses (:class:`NonFiniteWeightsError`) when a weight is NaN/inf. ``staged``: a folder (see
+    :func:`staging_dir`) that already holds parts written by other writers (DeepSpeed's shards); it
+    is completed and renamed instead of a fresh temporary folder.
+    """
+    return commit_checkpoint(output_dir, step, model=model, processor=processor,
+                             write_state=lambda folder: write_trainer_state(folder, trainer_state),
+                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, state_file: str = STATE_FILE) -> Path | None:
+    """The checkpoint ``latest`` names, or None when there is none. A dangling pointer (or one
+    naming a folder without ``state_file``) is an error."""
     pointer = Path(output_dir) / LATEST
     if not pointer.is_file():
         return None
     ckpt = Path(output_dir) / pointer.read_text().strip()
-    if not (ckpt / STATE_FILE).is_file() and not (ckpt / LEGACY_STATE_FILE).exists():
-        raise FileNotFoundError(f"{pointer} names {ckpt}, which is not a complete checkpoint (no {STATE_FILE})")
+    if not (ckpt / state_file).is_file() and not (state_file == STATE_FILE and (ckpt / LEGACY_STATE_FILE).exists()):
+        raise FileNotFoundError(f"{pointer} names {ckpt}, which is not a complete checkpoint (no {state_file})")
     return ckpt  # a pickled legacy state is refused, with its own message, by load_trainer_state
