@@ -122,8 +122,8 @@ def test_run_config_deepspeed_field(tmp_path):
 
 def test_one_process_plain_data_parallel_and_zero3_agree(setup, tmp_path):
     """Two optimiser steps (ppo_epochs=2; each accumulates 4 micro-batches: 2 per rank) with the
-    KL term and live latent terms: one process, torchrun x2 plain data parallel and torchrun x2
-    DeepSpeed ZeRO-3 with every parameter partitioned reach the same weights and metrics."""
+    KL term and live latent terms: one process, torchrun x2 plain data parallel, torchrun x2
+    DeepSpeed ZeRO-3 with every parameter partitioned and ZeRO-2 reach the same weights and metrics."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
     root, ckpt, _ = setup
     repo = Path(__file__).resolve().parents[1]
@@ -137,14 +137,15 @@ def test_one_process_plain_data_parallel_and_zero3_agree(setup, tmp_path):
                  str(tmp_path / "no_latent"), "--set", "vlpo.latent_weight=0"]) == 0
     _torchrun(root, 29531, tmp_path / "plain")
     _torchrun(root, 29533, tmp_path / "zero3", "--set", f"deepspeed={tmp_path / 'zero3.json'}")
+    _torchrun(root, 29535, tmp_path / "zero2", "--set", f"deepspeed={repo / 'scripts' / 'deepspeed' / 'zero2.json'}")
 
     start = _weights(ckpt)
-    runs = {name: _weights(tmp_path / name) for name in ("one", "plain", "zero3", "no_latent")}
+    runs = {name: _weights(tmp_path / name) for name in ("one", "plain", "zero3", "zero2", "no_latent")}
     metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
-    assert [metrics[n]["world_size"] for n in ("one", "plain", "zero3")] == [1, 2, 2]
+    assert [metrics[n]["world_size"] for n in ("one", "plain", "zero3", "zero2")] == [1, 2, 2, 2]
     changed = [n for n in start if not torch.equal(runs["one"][n], start[n])]
     assert any("language_model" in n for n in changed) and not any("visual" in n for n in changed)
-    for name in ("plain", "zero3"):
+    for name in ("plain", "zero3", "zero2"):
         for n in start:
             # summation order differs (over ranks; DeepSpeed reduce-scatters per micro-batch): ~1e-7
             # relative in a gradient; Adam moves an element whose gradient is near its eps by a

@@ -262,6 +262,10 @@ def test_deepspeed_zero3_matches_plain_data_parallel(setup, tmp_path):
         sums = summary["replica_checksums"]
         assert len(sums) == 2 and sums[0] == sums[1], name
     assert summaries["zero3"]["metrics"]["alignment"]["last"] > 0
+    # Adam hides a uniformly mis-scaled gradient; the gradient norms do not
+    for key in ("first", "last"):
+        assert summaries["zero3"]["metrics"]["grad_norm"][key] == pytest.approx(
+            summaries["plain"]["metrics"]["grad_norm"][key], rel=1e-4)
     changed = 0
     for k in finals["plain"]:
         # reduction order differs (DeepSpeed reduce-scatters each micro-batch, we all-reduce the sum):

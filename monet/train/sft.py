@@ -20,6 +20,14 @@ DeepSpeed, which applies the update itself, the first non-finite loss stops the 
 backward pass. A checkpoint is never written with non-finite weights. Resuming with changed
 settings prints which changed and whether they take effect; settings the checkpoint cannot
 follow (stage, latent_size, freeze_vision, the DeepSpeed config) are refused.
+
+DeepSpeed (``SFTConfig.deepspeed``, :mod:`monet.train.deepspeed_engine`): each micro-batch's forward
+runs through the engine (``engine(fn, ...)``) and its backward through ``engine.backward``. ZeRO-3
+partitions every weight: the CE head is called as a module (its hooks gather the weight; logits in
+the model's dtype, see :func:`monet.train.losses.weighted_ce_sum`), saving and checks gather all
+weights (:meth:`SFTTrainer._full_weights`), and the ranks run in lockstep: every rank makes the
+same number of latent decode calls and CE chunks (the most of any rank), and micro-batches whose
+ranks disagree on having images or latent positions are refused (:meth:`SFTTrainer._zero3_lockstep`).
 """
 
 from __future__ import annotations
@@ -440,11 +448,14 @@ class SFTTrainer:
             if engine is None:
                 loss.backward()
             else:  # DeepSpeed divides by the accumulation steps and averages over ranks: undo both
-                if not finite:
+                # agreed by all ranks, so that all stop together (a rank leaving alone hangs the others)
+                bad = int(all_reduce_sum(torch.tensor([int(not finite)]), self.dist))
+                if bad:
                     raise NonFiniteLossError(
-                        f"step {self.step + 1}: non-finite loss ({float(loss):.4g}) on samples {batch.keys}; DeepSpeed "
-                        "applies updates itself, so the step cannot be skipped: stopping before its backward pass "
-                        "(the weights are untouched; resume from the last checkpoint after fixing lr or the data)")
+                        f"step {self.step + 1}: non-finite loss on {bad} rank(s) (this rank: {float(loss):.4g} on "
+                        f"samples {batch.keys}); DeepSpeed applies updates itself, so the step cannot be skipped: "
+                        "stopping before its backward pass (the weights are untouched; resume from the last "
+                        "checkpoint after fixing lr or the data)")
                 engine.backward(loss * (len(micro) * self.dist.world_size))
                 engine.step()
             ce_total += parts["ce_sum"]
