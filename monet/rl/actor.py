@@ -389,8 +389,7 @@ def load_actor_batch(folder: str | Path) -> list[tuple[RolloutBatch, torch.Tenso
         if get["latents"].shape[0] != sum(counts):
             raise ValueError(f"{tensor_path}: micro-batch {i}: {get['latents'].shape[0]} latents stored, "
                              f"latent_counts say {sum(counts)}")
-        lat = get["latents"]
-        latents = list(torch.split(lat, counts)) if lat.numel() or sum(counts) else [lat[:0]] * rows
+        latents = list(torch.split(get["latents"], counts))  # [n_b, D] per rollout (n_b may be 0)
         batch = RolloutBatch(get["input_ids"], get["attention_mask"], get["response_start"], latents,
                              get.get("pixel_values"), get.get("image_grid_thw"), get["forced_first_start"])
         out.append((batch, get["advantages"]))
