@@ -375,7 +375,15 @@ class SFTTrainer:
             from monet.train.deepspeed_engine import check_deepspeed_checkpoint
 
             check_deepspeed_checkpoint(ckpt / "deepspeed" / "state")  # DeepSpeed unpickles them in full
-            self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+            try:
+                self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+            except RuntimeError as e:
+                if "model." not in str(e):
+                    raise
+                raise CheckpointError(
+                    f"{ckpt}: its DeepSpeed state names the weights without the 'model.' prefix the engine uses now "
+                    "(written by an earlier monet version); start a new run from its weights instead "
+                    f"(--set model={ckpt})") from None
         else:
             # safetensors only: a planted pytorch_model.bin (a pickle) is never read
             if not any((ckpt / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
