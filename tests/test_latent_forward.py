@@ -235,3 +235,31 @@ def test_nested_latent_backward_with_frozen_embeddings_and_vision(tiny):
     assert g_nested.keys() == g_joint.keys() and len(g_joint) > 10
     for name in g_joint:
         torch.testing.assert_close(g_nested[name], g_joint[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_extra_decode_steps_change_nothing(tiny):
+    """``min_decode_steps`` beyond the batch's latents (DeepSpeed ZeRO-3 lockstep: every rank makes
+    the same number of model calls) runs dummy steps: hidden states, latents and gradients are the
+    same as without them, and the model is really called more often."""
+    model, processor = tiny
+    batch = make_batch(processor, model, 2, [1, 2, 1], "stage2", seed=3)
+    J = int(batch.latent_mask.sum(1).max())
+    calls = []
+    handle = model.model.language_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    results = []
+    try:
+        for extra in (0, 3):
+            calls.clear()
+            model.zero_grad(set_to_none=True)
+            out = latent_forward(model, batch, latent_backward="joint", min_decode_steps=J + extra if extra else 0)
+            (out.hidden.square().mean() + out.latents.sum() * 1e-3).backward()
+            results.append((out.hidden.detach(), out.latents.detach(), grads(model), len(calls)))
+    finally:
+        handle.remove()
+    (h0, z0, g0, n0), (h1, z1, g1, n1) = results
+    assert n1 == n0 + 3  # three more decode calls of the text model
+    torch.testing.assert_close(h1, h0, rtol=0, atol=0)
+    torch.testing.assert_close(z1, z0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=0, atol=0)

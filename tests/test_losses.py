@@ -104,3 +104,44 @@ def test_route_through_latents_keeps_only_the_latent_path():
     # expected: 2 x d loss / dA through src only; nothing for B
     torch.testing.assert_close(gA, 2.0 * gA_ref)
     assert gB is None or torch.count_nonzero(gB) == 0
+
+
+@pytest.mark.parametrize("chunk,min_chunks", [(4, 0), (4, 7), (1024, 3)])
+def test_weighted_ce_with_the_head_module_calls_it_per_chunk(chunk, min_chunks):
+    """The module form of the head (what DeepSpeed ZeRO-3 needs: its hooks gather the weight) gives
+    the tensor form's values and gradients (float64 reference); the module is called once per chunk
+    in forward and again in each chunk's backward recomputation; ``min_chunks`` adds empty chunks
+    that change nothing."""
+    torch.manual_seed(7)
+    B, L, D, V = 2, 9, 8, 30
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    labels = torch.randint(0, V, (B, L))
+    labels[torch.rand(B, L) < 0.3] = -100
+    weights = torch.where(torch.rand(B, L) < 0.3, 4.0, 1.0)
+    head = torch.nn.Linear(D, V, bias=False)
+    calls = []
+    head.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    s, w = weighted_ce_sum(hidden, head, labels, weights, chunk_size=chunk, min_chunks=min_chunks)
+    n_targets = int((labels[:, 1:] != -100).sum())
+    n_chunks = max(-(-n_targets // chunk), min_chunks)
+    assert len(calls) == n_chunks and sum(calls) == n_targets
+    (s / w).backward()
+    assert len(calls) == 2 * n_chunks  # recomputed in backward: never more than chunk x V logits alive
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    rs, rw = naive_weighted_ce(h64, w64, labels, weights)
+    (rs / rw).backward()
+    torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ce_without_targets_still_calls_the_head_when_asked():
+    head = torch.nn.Linear(8, 10, bias=False)
+    calls = []
+    head.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    s, w = weighted_ce_sum(hidden, head, torch.full((1, 4), -100), min_chunks=1)
+    assert calls == [0] and float(s) == 0.0 and float(w) == 0.0 and s.requires_grad
+    s.backward()
+    assert float(hidden.grad.abs().sum()) == 0.0

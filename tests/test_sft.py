@@ -186,6 +186,98 @@ def test_deepspeed_zero2_matches_plain_data_parallel(setup, tmp_path):
     assert changed > 10
 
 
+def _mixed_latent_data(root):
+    """Zoom samples (one latent span) and two-hop samples (two spans) in one training file, so
+    data-parallel ranks' micro-batches have different numbers of latents."""
+    from monet.data.synth_multihop import synthesize_multihop
+
+    zoom = synthesize_dataset(root / "zoom", n=4, n_eval=0, seed=1)
+    hop = synthesize_multihop(root / "hop", n=4, n_eval=0, seed=1)
+    rows = []
+    for sub, ds in (("zoom", zoom), ("hop", hop)):
+        for sample in json.loads(Path(ds.train_json).read_text()):
+            for turn in sample["data"]:
+                for part in turn["content"]:
+                    if part.get("type") == "image":
+                        part["image"] = f"{sub}/{part['image']}"
+            rows.append(sample)
+    (root / "mixed.json").write_text(json.dumps(rows))
+    return root / "mixed.json"
+
+
+def _torchrun(cfg_path, port, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "monet.cli", "sft", "--config", str(cfg_path), "--device", "cpu", *extra]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_deepspeed_zero3_matches_plain_data_parallel(setup, tmp_path):
+    """torchrun x2, stage 2 with the online teacher's alignment routed through the latents: the
+    DeepSpeed ZeRO-3 path, with *every* parameter partitioned, ends at the weights of our own
+    data-parallel path; its checkpoint holds the full weights; resuming it after step 1 reproduces
+    the uninterrupted run. The ranks' micro-batches differ in their numbers of latents and of CE
+    chunks (ZeRO-3's collective parameter gathering needs the ranks in lockstep)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
+    from safetensors import safe_open
+
+    from monet.train.distributed import DistInfo
+    from monet.train.sft import epoch_order
+
+    root, _, ckpt = setup
+    train_json = _mixed_latent_data(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    zero3 = json.loads((repo / "scripts" / "deepspeed" / "zero3.json").read_text())
+    # the shipped threshold keeps every tensor of the tiny model whole after its first use (ZeRO-3's
+    # "persistent" small parameters); 0 partitions all of them, so every module's gathering is tested
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    base = SFTConfig(stage=2, model=str(ckpt), data=[str(train_json)], image_root=str(tmp_path), latent_size=K,
+                     lr=3e-3, warmup_steps=0, micro_batch_size=1, grad_accum=2, max_steps=2, dtype="float32",
+                     gradient_checkpointing=False, log_every=100, teacher="online", teacher_model=str(ckpt),
+                     cache_dir=str(root / "cache"), keep_last=3, latent_backward="joint", ce_chunk_size=16)
+    # the lockstep is exercised: in some micro-batch the two ranks hold different numbers of latents
+    order = [epoch_order(8, 0, base.seed, DistInfo(r, 2), 1) for r in range(2)]
+    names = [json.loads(train_json.read_text())[i]["metadata"]["dataset_name"] for i in range(8)]
+    assert any(names[a[0]] != names[b[0]] for a, b in zip(*order))
+    runs = {"plain": replace(base, output_dir=str(tmp_path / "plain")),
+            "zero3": replace(base, output_dir=str(tmp_path / "zero3"), deepspeed=str(tmp_path / "zero3.json")),
+            "resumed": replace(base, output_dir=str(tmp_path / "resumed"), deepspeed=str(tmp_path / "zero3.json"),
+                               max_steps=1)}
+    for port, (name, cfg) in zip((29521, 29523, 29525), runs.items()):
+        (tmp_path / f"{name}.yaml").write_text(cfg.to_yaml())
+        _torchrun(tmp_path / f"{name}.yaml", port)
+    _torchrun(tmp_path / "resumed.yaml", 29527, "--resume", "--set", "max_steps=2")
+
+    def shapes(folder):
+        with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    # full tensors, not this rank's (or empty) partitions
+    assert shapes(tmp_path / "zero3" / "checkpoint-2") == shapes(ckpt)
+    start = _weights(ckpt)
+    finals = {name: _weights(tmp_path / name / "checkpoint-2") for name in runs}
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in runs}
+    for name, summary in summaries.items():
+        sums = summary["replica_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1], name
+    assert summaries["zero3"]["metrics"]["alignment"]["last"] > 0
+    # Adam hides a uniformly mis-scaled gradient; the gradient norms do not
+    for key in ("first", "last"):
+        assert summaries["zero3"]["metrics"]["grad_norm"][key] == pytest.approx(
+            summaries["plain"]["metrics"]["grad_norm"][key], rel=1e-4)
+    changed = 0
+    for k in finals["plain"]:
+        # reduction order differs (DeepSpeed reduce-scatters each micro-batch, we all-reduce the sum):
+        # ~1e-7 relative in a gradient; Adam's first steps move a weight by ~lr * g / (|g| + eps), so an
+        # element whose gradient is near eps can move by a visible fraction of lr: tolerance lr / 100
+        torch.testing.assert_close(finals["zero3"][k], finals["plain"][k], rtol=1e-4, atol=base.lr / 100, msg=k)
+        # DeepSpeed restores its fp32 partitions, optimizer moments and our RNG / data position exactly
+        torch.testing.assert_close(finals["resumed"][k], finals["zero3"][k], rtol=0, atol=0, msg=k)
+        changed += not torch.equal(finals["plain"][k], start[k])
+    assert changed > 10
+
+
 def test_stage2_refuses_an_incomplete_teacher_store(setup, tmp_path):
     """Pre-flight: every training sample must have teacher states before step 1."""
     from monet.train.teacher_store import TeacherStoreWriter

@@ -140,7 +140,8 @@ def _latent_columns(latent_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @torch.no_grad()
 def decode_latents(
-    model: Any, embeds: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor, latent_mask: torch.Tensor
+    model: Any, embeds: torch.Tensor, positions: torch.Tensor, mask4d: torch.Tensor, latent_mask: torch.Tensor,
+    min_steps: int = 0,
 ) -> torch.Tensor:
     """Pass 1: sequential latent values, batched and KV-cached. Returns embeds with ``z`` written
     at the latent positions ([B, L, D], no graph).
@@ -151,10 +152,15 @@ def decode_latents(
     that no query may attend to (and that attend only to themselves); the KV cache therefore holds,
     per row, real positions interleaved with dummies, tracked in ``slot_pos`` (-1 = dummy), and each
     step's mask is gathered from the stage mask at the real positions.
+
+    ``min_steps``: run at least this many steps; the extra ones feed one dummy token per row and
+    change nothing. For DeepSpeed ZeRO-3, where every model call gathers parameters collectively,
+    so all ranks must make the same number of calls.
     """
     embeds = embeds.detach().clone()
     cols, counts = _latent_columns(latent_mask)
-    if cols.shape[1] == 0:
+    n_steps = max(cols.shape[1], min_steps)
+    if n_steps == 0:
         return embeds
     allowed = mask4d[:, 0] if mask4d.dtype == torch.bool else mask4d[:, 0] == 0  # [B, L, L]
     B, dev = embeds.shape[0], embeds.device
@@ -166,11 +172,11 @@ def decode_latents(
     was_training = lm.training
     lm.eval()  # gradient-checkpointed layers drop the KV cache in training mode; this pass has no grad
     try:
-        for j in range(cols.shape[1]):
+        for j in range(n_steps):
             active = j < counts
-            end = torch.where(active, cols[:, j], prev_end)
+            end = torch.where(active, cols[:, min(j, cols.shape[1] - 1)], prev_end) if cols.shape[1] else prev_end
             lens = end - prev_end  # 0 for rows that are done
-            T = int(lens.max())
+            T = max(int(lens.max()), 1)  # a step past every row's last latent feeds one dummy per row
             t = torch.arange(T, device=dev)
             real = t[None, :] < lens[:, None]  # [B, T]
             qpos = torch.where(real, prev_end[:, None] + t[None, :], -1)
@@ -228,6 +234,7 @@ def latent_forward(
     capture: tuple[torch.Tensor, torch.Tensor] | None = None,
     capture_layers: list[int] | None = None,
     latent_backward: LatentBackward = "nested",
+    min_decode_steps: int = 0,
 ) -> LatentForwardOutput:
     """Training forward with latents (the three passes of the module docstring).
 
@@ -235,6 +242,7 @@ def latent_forward(
     positions (layer 0 = embeddings ... last = final norm; ``capture_layers`` selects a subset).
     ``latent_backward``: ``"nested"`` (default; lower backward peak memory, ``.backward()`` only)
     or ``"joint"`` (one graph; for ``torch.autograd.grad`` and DeepSpeed ZeRO) — module docstring.
+    ``min_decode_steps``: see :func:`decode_latents` (DeepSpeed ZeRO-3 lockstep).
     """
     if latent_backward not in ("nested", "joint"):
         raise ValueError(f"latent_backward must be 'nested' or 'joint', got {latent_backward!r}")
@@ -252,7 +260,7 @@ def latent_forward(
                                    cap.stacked() if cap else None)
 
     last = int(lmask.any(0).nonzero().max())  # latent pass needs h up to position last - 1
-    z = decode_latents(model, embeds, positions, mask4d, lmask)  # detached values
+    z = decode_latents(model, embeds, positions, mask4d, lmask, min_decode_steps)  # detached values
     latent_in = torch.where(lmask.unsqueeze(-1), z, embeds)  # non-latent rows keep their graph
 
     def latent_pass(x: torch.Tensor) -> torch.Tensor:  # [B, last, D] -> [B, last, D]

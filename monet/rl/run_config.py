@@ -46,6 +46,9 @@ class VLPORunConfig:
       optimiser steps, ``ppo_epochs`` passes over it; ``micro_batch_size`` rollouts per forward;
       AdamW (``lr``, ``weight_decay``, ``betas``), ``max_grad_norm`` clipping; a step whose gradient
       is not finite is skipped (weights and optimiser untouched, counted).
+      ``deepspeed``: a DeepSpeed ZeRO JSON (``scripts/deepspeed/zero2.json`` / ``zero3.json``) for the
+      data-parallel actor update (``torchrun ... -m monet.rl.actor``, :mod:`monet.rl.actor`); the
+      single-process trainer and the Ray controller refuse it.
     Bookkeeping
       ``output_dir``, ``save_every`` (steps; None: only at the end), ``keep_last``, ``log_every``.
     """
@@ -84,6 +87,7 @@ class VLPORunConfig:
     save_every: int | None = None
     keep_last: int | None = 2
     log_every: int = 1
+    deepspeed: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vlpo, Mapping):
@@ -119,6 +123,13 @@ class VLPORunConfig:
             raise ValueError(f"save_every must be >= 1 or null, got {self.save_every!r}")
         if not isinstance(self.logit_bias, Mapping):
             raise TypeError(f"logit_bias must be a mapping {{token: bias}}, got {type(self.logit_bias).__name__}")
+        if self.deepspeed is not None:
+            if not isinstance(self.deepspeed, (str, os.PathLike)) or not str(self.deepspeed):
+                raise ValueError(f"deepspeed must be the path of a DeepSpeed JSON config or null, got {self.deepspeed!r}")
+            self.deepspeed = str(self.deepspeed)
+            if self.dtype == "float16":
+                raise ValueError("deepspeed with dtype float16 needs DeepSpeed's loss scaling, which the actor does not "
+                                 "set up; use bfloat16 or float32")
         if self.vlpo.groups_per_batch < self.mini_batches:
             raise ValueError(f"vlpo.groups_per_batch ({self.vlpo.groups_per_batch}) must be >= mini_batches "
                              f"({self.mini_batches})")
@@ -150,7 +161,7 @@ class VLPORunConfig:
         if unknown:
             raise ValueError(f"{where}: unknown settings {unknown} (known: {sorted(known)})")
         if base is not None:
-            for key in ("model", "output_dir"):
+            for key in ("model", "output_dir", "deepspeed"):
                 if raw.get(key):
                     raw[key] = _relative_to(base, raw[key])
             if raw.get("data"):

@@ -14,10 +14,11 @@ One :meth:`VLPOTrainer.step`:
    (:func:`monet.rl.logprob.policy_logprobs`): ``old`` from the policy before this step's update
    (the policy that sampled the rollouts), ``ref`` from the frozen starting model (only when
    ``vlpo.kl_coef > 0``).
-5. **Update**: the batch is split into ``mini_batches`` optimiser steps (``ppo_epochs`` passes);
-   each mini-batch's micro-batches add :func:`monet.rl.objective.vlpo_loss` with the mini-batch's
-   global text / latent action counts, so accumulation is exact; AdamW with gradient clipping; a
-   non-finite gradient norm skips the optimiser step (counted).
+5. **Update** (:class:`monet.rl.actor.Actor`, the same code as the data-parallel actor): the batch
+   is split into ``mini_batches`` optimiser steps (``ppo_epochs`` passes); each mini-batch's
+   micro-batches add :func:`monet.rl.objective.vlpo_loss` with the mini-batch's global text /
+   latent action counts, so accumulation is exact; AdamW with gradient clipping; a non-finite
+   gradient norm skips the optimiser step (counted).
 6. **Weight sync** to the rollout engine (:mod:`monet.rl.weight_sync`; in memory).
 
 Each step appends a strict-JSON row to ``OUTPUT/metrics.jsonl`` (reward mean/std, accuracy,
@@ -41,7 +42,6 @@ import hashlib
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,32 +50,16 @@ import torch
 from monet.layout import SpanLayout
 from monet.model.sampling import SamplingParams
 from monet.rl import checkpoint as ckpt_io
-from monet.rl.actions import action_masks
+from monet.rl.actor import Actor, micro_batches
 from monet.rl.advantages import grpo_advantages_by_group
-from monet.rl.batch import collate_rollouts, to_device
 from monet.rl.data import load_rl_parquet
-from monet.rl.logprob import RolloutBatch, policy_logprobs
 from monet.rl.metrics_log import MetricsLog
-from monet.rl.objective import ActionTerms, merge_metrics, vlpo_loss
 from monet.rl.rewards import grade_rollouts
 from monet.rl.rollout import EncodedPrompt, HFRolloutEngine, RLPrompt, Rollout, RolloutRound, encode_prompt, \
     generate_rollouts
 from monet.rl.run_config import VLPORunConfig
 from monet.rl.sampler import DifficultySampler
 from monet.rl.weight_sync import load_into_engine, named_weights, probe_agreement
-
-
-@dataclass
-class _Micro:
-    """One micro-batch, collated once and scored three times (old, ref, new)."""
-
-    batch: RolloutBatch
-    masks: Any
-    advantages: torch.Tensor
-    old_text: torch.Tensor | None = None
-    old_latent: torch.Tensor | None = None
-    ref_text: torch.Tensor | None = None
-    ref_latent: torch.Tensor | None = None
 
 
 def _seed32(*parts: Any) -> int:
@@ -109,6 +93,10 @@ class VLPOTrainer:
         import monet
 
         self.cfg, self.printer = cfg, printer or (lambda s: None)
+        if cfg.deepspeed:
+            raise ValueError(f"deepspeed={cfg.deepspeed}: the VLPO trainer and the Ray controller run the actor in one "
+                             "process; DeepSpeed (and plain data parallel) run the actor update under torchrun: "
+                             "`torchrun --nproc_per_node N -m monet.rl.actor` (docs/vlpo.md)")
         self.out = Path(cfg.output_dir)
         self.lock = ckpt_io.RunLock(self.out) if lock else None
         self.device = torch.device(cfg.device)
@@ -123,7 +111,6 @@ class VLPOTrainer:
         if cfg.freeze_vision:
             for p in self.policy.model.visual.parameters():
                 p.requires_grad_(False)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.reference = None
         if cfg.vlpo.kl_coef > 0:
             if start is None:
@@ -131,8 +118,8 @@ class VLPOTrainer:
             else:
                 self.reference, _ = monet.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
             self.reference.eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.actor = Actor(self.policy, cfg, layout=self.layout, token_ids=self.token_ids, reference=self.reference)
+        self.params, self.optimizer = self.actor.params, self.actor.optimizer
         self.examples, report = load_rl_parquet(cfg.data, limit=cfg.data_limit)
         self.printer(f"[vlpo] {report.summary()}")
         if not self.examples:
@@ -247,28 +234,9 @@ class VLPOTrainer:
         return self.sampler.ready()
 
     # -- update ----------------------------------------------------------------------------------
-    def _micro_batches(self, rollouts: list[Rollout], adv: torch.Tensor) -> list[_Micro]:
-        D = self.policy.config.get_text_config().hidden_size
-        dtype = next(self.policy.parameters()).dtype
-        pad = self.processor.tokenizer.pad_token_id or 0
-        out = []
-        mb = self.cfg.micro_batch_size
-        for i in range(0, len(rollouts), mb):
-            part = rollouts[i:i + mb]
-            b = collate_rollouts(part, self.encoded, pad_id=pad, hidden_size=D)
-            b = to_device(b, self.device, dtype)
-            masks = action_masks(b.input_ids, b.attention_mask, b.response_start, layout=self.layout,
-                                 token_ids=self.token_ids, forced_first_start=b.forced_first_start)
-            out.append(_Micro(b, masks, adv[i:i + mb].to(self.device)))
-        return out
-
-    def _score(self, model: Any, m: _Micro):
-        v = self.cfg.vlpo
-        return policy_logprobs(model, m.batch, layout=self.layout, token_ids=self.token_ids, temperature=v.temperature,
-                               sigma=v.sigma, latent_logp_constant=v.latent_logp_constant, masks=m.masks)
-
     def train_batch(self) -> dict[str, float]:
-        """Pop a batch from the sampler and run the update (steps 3-5); returns its metrics."""
+        """Pop a batch from the sampler and run the update (steps 3-5, :class:`monet.rl.actor.Actor`);
+        returns its metrics."""
         groups = self.sampler.pop_batch()
         rollouts: list[Rollout] = []
         rewards: list[float] = []
@@ -281,59 +249,20 @@ class VLPOTrainer:
         v = self.cfg.vlpo
         adv = grpo_advantages_by_group(torch.tensor(rewards, dtype=torch.float64), torch.tensor(gidx),
                                        std=v.adv_std, eps=v.adv_eps).float()
-        timings = {}
         t0 = time.perf_counter()
-        micros = self._micro_batches(rollouts, adv)
-        with torch.no_grad():
-            for m in micros:
-                s = self._score(self.policy, m)
-                m.old_text, m.old_latent = s.text_logp, s.latent_logp
-        timings["time/old_logp"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if self.reference is not None:
-            with torch.no_grad():
-                for m in micros:
-                    s = self._score(self.reference, m)
-                    m.ref_text, m.ref_latent = s.text_logp, s.latent_logp
-        timings["time/ref_logp"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        per_mini = math.ceil(len(micros) / self.cfg.mini_batches)
-        minis = [micros[i:i + per_mini] for i in range(0, len(micros), per_mini)]
-        parts_all: list[dict[str, float]] = []
-        norms: list[float] = []
-        for _ in range(self.cfg.ppo_epochs):
-            for mini in minis:
-                n_text = int(sum(int(m.masks.text.sum()) for m in mini))
-                n_latent = int(sum(int(m.masks.latent.sum()) for m in mini))
-                self.optimizer.zero_grad(set_to_none=True)
-                parts = []
-                for m in mini:
-                    s = self._score(self.policy, m)
-                    out = vlpo_loss(ActionTerms(s.text_logp, m.old_text, m.ref_text, m.masks.text),
-                                    ActionTerms(s.latent_logp, m.old_latent, m.ref_latent, m.masks.latent),
-                                    m.advantages, config=v, n_text=n_text, n_latent=n_latent, entropy=s.entropy)
-                    out.loss.backward()
-                    parts.append(out.metrics)
-                limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
-                norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
-                norms.append(norm)
-                if not math.isfinite(norm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.counters["skipped_nonfinite"] += 1
-                    self.printer(f"[vlpo] step {self.step_count + 1}: non-finite gradient norm; optimiser step skipped")
-                else:
-                    self.optimizer.step()
-                merged = merge_metrics(parts)
-                parts_all.append({k: float(t) for k, t in merged.items()})
-                parts_all[-1]["batch/n_text"] = float(n_text)
-                parts_all[-1]["batch/n_latent"] = float(n_latent)
-        self.optimizer.zero_grad(set_to_none=True)
-        timings["time/train"] = time.perf_counter() - t0
-        out = {}
-        keys = parts_all[0].keys()
-        for k in keys:
-            vals = [p[k] for p in parts_all]
-            out[k] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
+        micros = micro_batches(rollouts, adv, self.encoded, micro_batch_size=self.cfg.micro_batch_size,
+                               pad_id=self.processor.tokenizer.pad_token_id or 0,
+                               hidden_size=self.policy.config.get_text_config().hidden_size, layout=self.layout,
+                               token_ids=self.token_ids, device=self.device,
+                               dtype=next(self.policy.parameters()).dtype)
+        t_collate = time.perf_counter() - t0
+        out, norms = self.actor.update(micros)
+        timings = {k: out.pop(k) for k in [k for k in out if k.startswith("time/")]}
+        timings["time/old_logp"] += t_collate
+        for norm in norms:
+            if not math.isfinite(norm):
+                self.counters["skipped_nonfinite"] += 1
+                self.printer(f"[vlpo] step {self.step_count + 1}: non-finite gradient norm; optimiser step skipped")
         out["grad_norm"] = norms[-1]
         out["batch/rollouts"] = float(len(rollouts))
         out["batch/adv_abs_mean"] = float(adv.abs().mean())

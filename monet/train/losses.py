@@ -6,7 +6,8 @@ Shapes: B batch, L length, D hidden, V vocabulary, M target positions, P aligned
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -14,9 +15,22 @@ from torch.utils.checkpoint import checkpoint
 AlignmentAxis = Literal["hidden", "token"]
 
 
-def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = hidden.float() @ weight.float().t()  # [c, V] fp32
+#: The output projection: the weight [V, D] itself, or the module that applies it ([c, D] -> [c, V]).
+Head = Union[torch.Tensor, torch.nn.Module]
+
+
+def _ce_chunk(hidden: torch.Tensor, head: Head, targets: torch.Tensor) -> torch.Tensor:
+    if isinstance(head, torch.Tensor):
+        logits = hidden.float() @ head.float().t()  # [c, V] fp32
+    else:  # a module call, so its forward hooks run here (and again in the checkpoint's recomputation)
+        logits = head(hidden).float()  # [c, V] in the head's dtype, then fp32
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def _head_requires_grad(head: Head) -> bool:
+    if isinstance(head, torch.Tensor):
+        return head.requires_grad
+    return any(p.requires_grad for p in head.parameters())
 
 
 def target_rows(labels: torch.Tensor, weights: torch.Tensor | None = None):
@@ -34,29 +48,43 @@ def target_rows(labels: torch.Tensor, weights: torch.Tensor | None = None):
 
 def weighted_ce_sum(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
+    head: Head,
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
     *,
     chunk_size: int = 1024,
+    min_chunks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum(w * ce), sum(w))`` over the valid targets, in fp32.
 
     Logits are computed ``chunk_size`` rows at a time and recomputed in backward (activation
     checkpointing per chunk), so at most ``chunk_size x V`` logits exist at once. Divide the first
     value by the (global, accumulated) weight sum for the loss.
+
+    ``head``: the output projection weight [V, D] (logits from fp32 copies of hidden and weight:
+    fp32 logits whatever the model's dtype), or the output-projection module itself
+    (``model.get_output_embeddings()``), which is then *called* on each chunk, in forward and in
+    the backward recomputation. The module form is for wrappers that act through module hooks:
+    DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's forward (and before its
+    backward), so the weight tensor read outside a forward has no elements. Its logits are in the
+    module's dtype (bf16 for a bf16 model) before the fp32 log-softmax; in fp32 the two forms agree.
+
+    ``min_chunks``: compute at least this many chunks (the extra ones are empty: the head is called
+    on 0 rows). Under ZeRO-3 every call of the head gathers its weight collectively, so all ranks
+    must call it equally often whatever their number of targets.
     """
     b, p, targets, w = target_rows(labels, weights)
-    if targets.numel() == 0:
+    n_chunks = max(math.ceil(targets.numel() / chunk_size), min_chunks)
+    if n_chunks == 0:
         return hidden.sum() * 0.0, w.sum()
     rows = hidden[b, p]  # [M, D]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, rows.shape[0], chunk_size):
+    for s in range(0, n_chunks * chunk_size, chunk_size):
         h, t = rows[s:s + chunk_size], targets[s:s + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-            ce = checkpoint(_ce_chunk, h, lm_head_weight, t, use_reentrant=False)
+        if torch.is_grad_enabled() and (h.requires_grad or _head_requires_grad(head)):
+            ce = checkpoint(_ce_chunk, h, head, t, use_reentrant=False)
         else:
-            ce = _ce_chunk(h, lm_head_weight, t)
+            ce = _ce_chunk(h, head, t)
         total = total + (ce * w[s:s + chunk_size]).sum()
     return total, w.sum()
 

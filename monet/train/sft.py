@@ -20,6 +20,14 @@ DeepSpeed, which applies the update itself, the first non-finite loss stops the 
 backward pass. A checkpoint is never written with non-finite weights. Resuming with changed
 settings prints which changed and whether they take effect; settings the checkpoint cannot
 follow (stage, latent_size, freeze_vision, the DeepSpeed config) are refused.
+
+DeepSpeed (``SFTConfig.deepspeed``, :mod:`monet.train.deepspeed_engine`): each micro-batch's forward
+runs through the engine (``engine(fn, ...)``) and its backward through ``engine.backward``. ZeRO-3
+partitions every weight: the CE head is called as a module (its hooks gather the weight; logits in
+the model's dtype, see :func:`monet.train.losses.weighted_ce_sum`), saving and checks gather all
+weights (:meth:`SFTTrainer._full_weights`), and the ranks run in lockstep: every rank makes the
+same number of latent decode calls and CE chunks (the most of any rank), and micro-batches whose
+ranks disagree on having images or latent positions are refused (:meth:`SFTTrainer._zero3_lockstep`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from monet.train.checkpoint import (
     staging_dir,
 )
 from monet.train.config import SFTConfig
+from monet.train.deepspeed_engine import engine_settings, full_weights, gather_from_ranks, init_engine, is_zero3
 from monet.train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from monet.train.losses import alignment_loss, route_through_latents, weighted_ce_sum
 from monet.train.metrics import MetricsLogger
@@ -149,21 +158,29 @@ class TeacherSource:
 
 
 def micro_batch_losses(model: Any, batch: StageBatch, cfg: SFTConfig, teacher: TeacherSource | None,
-                       ce_weight_total: torch.Tensor, n_micro: int, world_size: int = 1) -> tuple[torch.Tensor, dict]:
+                       ce_weight_total: torch.Tensor, n_micro: int, world_size: int = 1, *,
+                       call_head: bool = False, min_decode_steps: int = 0,
+                       min_ce_chunks: int = 0) -> tuple[torch.Tensor, dict]:
     """Loss to backpropagate for one micro-batch, and its logged parts.
 
     Gradients are summed over micro-batches and ranks, so CE is divided by the CE weight sum of
     the whole optimizer step (``ce_weight_total``, all ranks) and the alignment mean by the number
     of micro-batches times ranks.
+
+    ``call_head``: compute the CE logits by calling the output-projection module instead of
+    reading its weight (DeepSpeed ZeRO-3, whose partitioned weight exists only inside the module's
+    forward; see :func:`monet.train.losses.weighted_ce_sum` for what differs in bf16).
+    ``min_decode_steps`` / ``min_ce_chunks``: ZeRO-3 lockstep (:meth:`SFTTrainer._zero3_lockstep`).
     """
     target = for_stage(cfg.stage)
     which = target.positions if target is not None else None
     use_align = which is not None and teacher is not None and cfg.alignment_weight > 0
     capture = aligned_positions(batch, which) if use_align else None
     out = latent_forward(model, batch.to_latent_batch(), capture=capture, capture_layers=cfg.alignment_layers,
-                         latent_backward=cfg.latent_backward_mode)
-    head = model.get_output_embeddings().weight
-    ce_sum, _ = weighted_ce_sum(out.hidden, head, batch.labels, batch.weights, chunk_size=cfg.ce_chunk_size)
+                         latent_backward=cfg.latent_backward_mode, min_decode_steps=min_decode_steps)
+    head = model.get_output_embeddings() if call_head else model.get_output_embeddings().weight
+    ce_sum, _ = weighted_ce_sum(out.hidden, head, batch.labels, batch.weights, chunk_size=cfg.ce_chunk_size,
+                                min_chunks=min_ce_chunks)
     loss = ce_sum / ce_weight_total
     parts = {"ce_sum": float(ce_sum.detach())}
     if use_align:
@@ -246,12 +263,13 @@ class SFTTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.engine = None
         if cfg.deepspeed:
-            from monet.train.deepspeed_engine import init_engine
-
-            self.engine = init_engine(cfg, model, self.optimizer, self.scheduler)
+            self.engine = init_engine(engine_settings(cfg), model, self.optimizer, self.scheduler)
         elif self.dist.enabled:  # same initial weights on every rank
             for p in model.parameters():
                 torch.distributed.broadcast(p.data, src=0)
+        #: ZeRO-3 partitions the weights: they are whole only inside a module's forward/backward
+        #: (DeepSpeed's hooks) or inside :meth:`_full_weights`
+        self.zero3 = is_zero3(self.engine)
         self.teacher = None
         if cfg.stage > 1 and cfg.teacher != "none":
             self.teacher = TeacherSource(cfg, cfg.alignment_layers, self.device, teacher_examples, processor)
@@ -271,10 +289,15 @@ class SFTTrainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "world_size": self.dist.world_size,
-                "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total}
+        """The trainer state a checkpoint stores. With DeepSpeed the optimizer and scheduler are
+        not in it: the engine saves them itself (per rank, in its own layout), and under ZeRO-3
+        the torch optimizer no longer holds the parameters it was built with."""
+        state = {"step": self.step, "epoch": self.epoch, "micro_index": self.micro_index,
+                 "rng": rng_state(), "world_size": self.dist.world_size,
+                 "nonfinite_streak": self.nonfinite_streak, "nonfinite_total": self.nonfinite_total}
+        if self.engine is None:
+            state["optimizer"], state["scheduler"] = self.optimizer.state_dict(), self.scheduler.state_dict()
+        return state
 
     def save(self) -> Path | None:
         """Write ``checkpoint-STEP`` (collective). Refuses non-finite weights on every rank
@@ -285,7 +308,6 @@ class SFTTrainer:
         if self.engine is not None:  # collective: every rank writes its optimizer shard
             staged = staging_dir(self.cfg.output_dir, self.step)
             self.engine.save_checkpoint(str(staged / "deepspeed"), tag="state")
-            state.pop("optimizer"), state.pop("scheduler")
         with self._full_weights():
             if self.dist.is_main:
                 path = save_checkpoint(self.cfg.output_dir, self.step, model=self.model, processor=self.processor,
@@ -295,12 +317,9 @@ class SFTTrainer:
         return path
 
     def _full_weights(self):
-        """Gather ZeRO-3 partitioned parameters for saving (a no-op otherwise)."""
-        if self.engine is not None and getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3:
-            from monet.train.deepspeed_engine import import_deepspeed
-
-            return import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
-        return nullcontext()
+        """Gather ZeRO-3 partitioned parameters (read-only: saving, checks, checksums; collective);
+        a no-op otherwise."""
+        return full_weights(self.engine, self.model)
 
     def _check_resume_settings(self, ckpt: Path) -> None:
         """Compare the settings with the checkpoint's; refuse incompatible changes, print the rest."""
@@ -356,7 +375,15 @@ class SFTTrainer:
             from monet.train.deepspeed_engine import check_deepspeed_checkpoint
 
             check_deepspeed_checkpoint(ckpt / "deepspeed" / "state")  # DeepSpeed unpickles them in full
-            self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+            try:
+                self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state")
+            except RuntimeError as e:
+                if "model." not in str(e):
+                    raise
+                raise CheckpointError(
+                    f"{ckpt}: its DeepSpeed state names the weights without the 'model.' prefix the engine uses now "
+                    "(written by an earlier monet version); start a new run from its weights instead "
+                    f"(--set model={ckpt})") from None
         else:
             # safetensors only: a planted pytorch_model.bin (a pickle) is never read
             if not any((ckpt / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
@@ -416,21 +443,27 @@ class SFTTrainer:
         ce_total, align_vals, tokens, local_bad = 0.0, [], 0, False
         if engine is None:
             self.optimizer.zero_grad(set_to_none=True)
-        for batch in micro:
-            # DeepSpeed converts the model itself for bf16; our own path uses autocast
-            with autocast_context(self.device, cfg.dtype) if engine is None else nullcontext():
-                loss, parts = micro_batch_losses(self.model, batch, cfg, self.teacher, w_total.to(self.device),
-                                                 len(micro), self.dist.world_size)
+        lockstep = self._zero3_lockstep(micro) if self.zero3 else [{}] * len(micro)
+        for batch, same_calls in zip(micro, lockstep):
+            args = (self.model, batch, cfg, self.teacher, w_total.to(self.device), len(micro), self.dist.world_size)
+            if engine is None:
+                with autocast_context(self.device, cfg.dtype):
+                    loss, parts = micro_batch_losses(*args)
+            else:  # through the engine's forward (its micro-step bookkeeping); it converts the model for bf16
+                loss, parts = engine(micro_batch_losses, *args, call_head=self.zero3, **same_calls)
             finite = bool(torch.isfinite(loss.detach()))
             local_bad |= not finite
             if engine is None:
                 loss.backward()
             else:  # DeepSpeed divides by the accumulation steps and averages over ranks: undo both
-                if not finite:
+                # agreed by all ranks, so that all stop together (a rank leaving alone hangs the others)
+                bad = int(all_reduce_sum(torch.tensor([int(not finite)]), self.dist))
+                if bad:
                     raise NonFiniteLossError(
-                        f"step {self.step + 1}: non-finite loss ({float(loss):.4g}) on samples {batch.keys}; DeepSpeed "
-                        "applies updates itself, so the step cannot be skipped: stopping before its backward pass "
-                        "(the weights are untouched; resume from the last checkpoint after fixing lr or the data)")
+                        f"step {self.step + 1}: non-finite loss on {bad} rank(s) (this rank: {float(loss):.4g} on "
+                        f"samples {batch.keys}); DeepSpeed applies updates itself, so the step cannot be skipped: "
+                        "stopping before its backward pass (the weights are untouched; resume from the last "
+                        "checkpoint after fixing lr or the data)")
                 engine.backward(loss * (len(micro) * self.dist.world_size))
                 engine.step()
             ce_total += parts["ce_sum"]
@@ -452,6 +485,32 @@ class SFTTrainer:
         align = sum(align_vals) / len(align_vals) if align_vals else None
         total = ce + (cfg.alignment_weight * align if align is not None else 0.0)
         return StepLosses(total, ce, align, grad_norm, lr, tokens, skipped)
+
+    def _zero3_lockstep(self, micro: list[StageBatch]) -> list[dict]:
+        """Per micro-batch, the module-call counts every rank runs under ZeRO-3 (one collective).
+
+        ZeRO-3 gathers a module's parameters with a collective at every call, so the ranks must
+        call the same modules equally often. Ranks' micro-batches differ in their number of latent
+        decode steps (the most latents in a row) and of CE chunks: every rank runs the largest
+        (the extra calls are dummies that change nothing). Whether a micro-batch has images and
+        latent positions decides which code path runs; ranks that disagree there are refused."""
+        cols = ("images", "latent positions", "decode steps", "CE chunks")
+        local = torch.tensor([[int(b.pixel_values is not None), int(bool(b.latent_mask.any())),
+                               int(b.latent_mask.sum(1).max()) if b.latent_mask.numel() else 0,
+                               math.ceil(int((b.labels[:, 1:] != -100).sum()) / self.cfg.ce_chunk_size)]
+                              for b in micro], dtype=torch.int64)
+        every = gather_from_ranks(local, self.dist.world_size)  # [world, micro, 4]
+        plan = []
+        for i, b in enumerate(micro):
+            for c in (0, 1):
+                if int(every[:, i, c].min()) != int(every[:, i, c].max()):
+                    has = [r for r in range(self.dist.world_size) if int(every[r, i, c])]
+                    raise ValueError(
+                        f"step {self.step + 1}, micro-batch {i + 1}: DeepSpeed ZeRO-3 needs every rank to run the same "
+                        f"code path, but only ranks {has} have {cols[c]} (this rank {self.dist.rank}: samples "
+                        f"{b.keys}); keep the data uniform in this respect or use ZeRO-2 / plain data parallel")
+            plan.append({"min_decode_steps": int(every[:, i, 2].max()), "min_ce_chunks": int(every[:, i, 3].max())})
+        return plan
 
     def _optimizer_step(self, skip: bool = False) -> tuple[float | None, bool]:
         """Sum gradients over ranks (losses are globally normalised), check them, clip, step.
