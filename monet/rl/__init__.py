@@ -34,7 +34,8 @@ Settings: :class:`VLPOConfig`; ``docs/vlpo.md`` has a worked example of the posi
 The system on top of these pure functions (imported from their modules, not here, so that this
 package stays light): RL data (:mod:`monet.rl.data`), rollouts with recorded latents
 (:mod:`monet.rl.rollout`), reward grading (:func:`monet.rl.rewards.grade_rollouts`), the
-single-process trainer (:mod:`monet.rl.trainer`, ``monet vlpo``), in-memory weight sync
+single-process trainer (:mod:`monet.rl.trainer`, ``monet vlpo``), the actor update shared by it and
+the data-parallel / DeepSpeed actor group (:mod:`monet.rl.actor`, ``torchrun -m monet.rl.actor``), in-memory weight sync
 (:mod:`monet.rl.weight_sync`), the Ray controller (:mod:`monet.rl.controller`), checkpoints
 (:mod:`monet.rl.checkpoint`) and the run settings (:mod:`monet.rl.run_config`).
 """
