@@ -180,6 +180,9 @@ def _add_quickstart(sub) -> None:
                    help="split the rows are evaluated on: the held-out split (default) or the validation split "
                         "(use val for tuning settings, so the held-out split stays untouched)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage and control")
+    p.add_argument("--caption-epochs", type=float, default=None,
+                   help="epochs of stage 0, the vision warm-up on captions of the training scenes (0 skips it; "
+                        "default 3)")
     p.add_argument("--vlpo-steps", type=int, default=None,
                    help="steps of the VLPO phase after stage 3 (0 skips it; default 8, --fast 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -208,6 +211,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
         settings.lr = args.lr
     if args.vlpo_steps is not None:
         settings.vlpo_steps = args.vlpo_steps
+    if args.caption_epochs is not None:
+        settings.caption_epochs = args.caption_epochs
     settings.eval_split = args.split
     if args.epochs is not None:
         try:

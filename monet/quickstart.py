@@ -72,6 +72,10 @@ class QuickstartSettings:
     lr: float = 2e-3
     # stage 1, stage 2, stage 3; the controls train with the stage-3 budget
     epochs: tuple[float, float, float] = (5.0, 3.0, 3.0)
+    # Stage 0, a vision warm-up shared by every row: CE on region-by-region captions of the
+    # training scenes (what a pretrained VLM brings; the tiny model's vision tower is random).
+    # 0 skips it and stage 1 starts from the random model.
+    caption_epochs: float = 3.0
     max_steps: int | None = None
     max_new_tokens: int = 128
     eval_batch_size: int = 64
@@ -100,6 +104,8 @@ class QuickstartSettings:
             raise ValueError("eval_split='val' needs n_val >= 1")
         if not (self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.caption_epochs < 0:
+            raise ValueError(f"caption_epochs must be >= 0, got {self.caption_epochs!r}")
         if self.vlpo_steps < 0 or self.vlpo_n < 2 or self.vlpo_prompts < 1 or not self.vlpo_lr > 0:
             raise ValueError("vlpo_steps must be >= 0, vlpo_n >= 2 (a GRPO group needs two rollouts), vlpo_prompts >= 1 "
                              f"and vlpo_lr > 0; got {self.vlpo_steps}, {self.vlpo_n}, {self.vlpo_prompts}, {self.vlpo_lr}")
@@ -150,16 +156,23 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         from monet.data.synth_multihop import synthesize_multihop
 
         data = timed("synthetic data (multi-hop)",
-                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val))
+                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val,
+                                                 captions=s.caption_epochs > 0))
     else:
         data = timed("synthetic data",
-                     lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val))
+                     lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val,
+                                                captions=s.caption_epochs > 0))
     eval_json = data.val_json if s.eval_split == "val" else data.eval_json
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
     def sft(name, title, cfg):
         return Path(timed(title, lambda: run_sft(cfg, overwrite=True, progress=progress))["checkpoint"])
 
+    checkpoints = {}
+    if s.caption_epochs > 0:
+        c0 = _stage_config(s, out, 1, base, data.captions_json, data.root, "stage0", s.caption_epochs,
+                           teacher="none")
+        base = checkpoints["stage0"] = sft("stage0", "stage 0 (vision warm-up: captions of the training scenes)", c0)
     c1 = _stage_config(s, out, 1, base, data.train_json, data.root, "stage1", s.epochs[0], teacher="none")
     ck1 = sft("stage1", "stage 1 (warm-up, helper images as images)", c1)
     reps = out / "teacher_reps"
@@ -175,7 +188,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     c3 = _stage_config(s, out, 3, ck1, data.train_json, data.root, "stage3", s.epochs[2], teacher="store",
                        teacher_store=str(lats))
     ck3 = sft("stage3", "stage 3 (no helper images; latent distillation)", c3)
-    checkpoints = {"stage1": ck1, "stage2": ck2, "stage3": ck3}
+    checkpoints.update({"stage1": ck1, "stage2": ck2, "stage3": ck3})
     # Controls: same samples, same init (stage-1 weights), same epochs as stage 3, CE only.
     for kind, title in (("direct", "control (a): direct answer"), ("text", "control (b): text-only reasoning")):
         train = write_control(data.train_json, data.root / f"train_{kind}.json", kind)
@@ -382,7 +395,8 @@ def format_report(report: dict) -> str:
 
     rows = report["rows"]
     n = rows[0]["n"] if rows else 0
-    head = (f"{'held-out (' + str(n) + ' samples)':<34}{'acc':>7}{'95% Wilson':>16}{'chance':>8}"
+    split = "validation" if report.get("data", {}).get("evaluated_split") == "val" else "held-out"
+    head = (f"{split + ' (' + str(n) + ' samples)':<34}{'acc':>7}{'95% Wilson':>16}{'chance':>8}"
             f"{'boxed':>8}{'span':>8}{'cos':>7}{'eff.rk':>8}{'changed':>9}")
     lines = [head]
     for r in rows:

@@ -86,3 +86,24 @@ def test_validation_split_is_disjoint_and_leaves_train_unchanged(tmp_path):
     assert not train & val and not train & ev and not val & ev
     again = synthesize_dataset(tmp_path / "v2", n=40, n_eval=30, seed=2, n_val=30)
     assert _digest(again.root) == _digest(ds.root)
+
+
+def test_captions_describe_every_corner_from_the_pixels(tmp_path):
+    """captions=True: one caption per training scene (same image file), naming per corner the colour
+    whose pixels lie in that quadrant, or "empty" when the quadrant is background only."""
+    ds = synthesize_dataset(tmp_path / "d", n=12, n_eval=2, seed=4, captions=True)
+    caps, report = load_sft_dataset(ds.captions_json, ds.root)
+    assert len(caps) == 12 and report.rejected == 0
+    train = json.loads(ds.train_json.read_text())
+    for cap, sample in zip(caps, train):
+        assert cap.question_images[0].path == sample["data"][1]["content"][0]["image"] and not cap.helper_images
+        text = cap.assistant.content[0].text
+        parts = re.findall(r"([a-z-]+): (?:an? (\w+) (\w+)|empty)\.", text)
+        assert [p[0] for p in parts] == list(CORNERS)
+        img = Image.open(cap.question_images[0].file).convert("RGB")
+        for k, (corner, colour, kind) in enumerate(parts):
+            x, y = (k % 2) * 56, (k // 2) * 56
+            present = {c for _, c in img.crop((x, y, x + 56, y + 56)).getcolors(4096)} & set(COLOURS.values())
+            assert present == ({COLOURS[colour]} if colour else set()), (cap.key, corner)
+            assert not colour or kind in SHAPES
+    assert synthesize_dataset(tmp_path / "n", n=3, n_eval=0, seed=4).captions_json is None

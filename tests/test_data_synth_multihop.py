@@ -111,3 +111,36 @@ def test_multihop_samples_load_and_build_every_stage(tmp_path):
 def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="n, n_val and n_eval must be >= 0"):
         synthesize_multihop(tmp_path / "d", n=-1, n_eval=0)
+
+
+def test_captions_describe_every_cell_from_the_pixels(tmp_path):
+    """captions=True: per training scene, every cell row by row: the colour named is the colour whose
+    pixels lie in that cell, "arrow D" marks the cell with arrow pixels (D = the direction the
+    reference reasoning observes), "empty" a background-only cell."""
+    from monet.data.synth_multihop import _ARROW
+
+    ds = synthesize_multihop(tmp_path / "d", 8, 2, seed=5, captions=True)
+    caps, report = load_sft_dataset(ds.captions_json, ds.root)
+    assert len(caps) == 8 and report.rejected == 0
+    for cap, sample in zip(caps, json.loads(ds.train_json.read_text())):
+        assert cap.question_images[0].path == sample["data"][1]["content"][0]["image"] and not cap.helper_images
+        rows = re.findall(r"row (\d): ([^.]*)\.", cap.assistant.content[0].text)
+        assert [int(r) for r, _ in rows] == list(range(1, GRID + 1))
+        img = Image.open(cap.question_images[0].file).convert("RGB")
+        direction = re.search(r"The arrow points ([a-z ]+)\.", sample["data"][-1]["content"][2]["text"]).group(1)
+        arrows = 0
+        for r, (_, cells) in enumerate(rows):
+            items = cells.split(", ")
+            assert len(items) == GRID
+            for c, item in enumerate(items):
+                px = {p for _, p in img.crop((c * CELL, r * CELL, (c + 1) * CELL, (r + 1) * CELL)).getcolors(4096)}
+                colours = px & set(COLOURS.values())
+                if item == "empty":
+                    assert not colours and _ARROW not in px, (cap.key, r, c)
+                elif item.startswith("arrow "):
+                    arrows += 1
+                    assert item == f"arrow {direction}" and _ARROW in px and not colours
+                else:
+                    colour, kind = item.split(" ")
+                    assert colours == {COLOURS[colour]} and kind in SHAPES, (cap.key, r, c)
+        assert arrows == 1

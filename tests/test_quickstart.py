@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from monet.data import PLACEHOLDER, load_sft_dataset, synthesize_dataset
 from monet.data.controls import control_sample, write_control
@@ -143,7 +145,7 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--fast"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["checkpoints"]) == {"stage1", "stage2", "stage3", "direct", "text", "vlpo"}
+    assert set(report["checkpoints"]) == {"stage0", "stage1", "stage2", "stage3", "direct", "text", "vlpo"}
     assert (out / "teacher_reps" / "index.json").is_file() and (out / "teacher_latents" / "index.json").is_file()
     # every row from its own model: the recorded weights digest is the digest of the right checkpoint,
     # and the four trained models the rows use are four different sets of weights
@@ -153,6 +155,11 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
     assert list(rows) == list(ROWS)
     shas = {name: checkpoint_hash(report["checkpoints"][name])["sha256"] for name in set(own.values())}
     assert len(set(shas.values())) == 5  # VLPO changed the stage-3 weights
+    # stage 0 (captions) is the start of stage 1: its weights are neither the base's nor stage 1's
+    s0 = checkpoint_hash(report["checkpoints"]["stage0"])["sha256"]
+    assert s0 not in shas.values() and s0 != checkpoint_hash(out / "base")["sha256"]
+    ck1 = Path(report["checkpoints"]["stage1"])
+    assert yaml.safe_load((ck1 / "sft_config.yaml").read_text())["model"] == report["checkpoints"]["stage0"]
     # the VLPO phase: its own run folder and metrics, its policy exported, before/after from the rows
     v = report["vlpo"]
     assert v["steps"] == 2 == len(v["per_step"]) and [r["step"] for r in v["per_step"]] == [1, 2]

@@ -58,6 +58,7 @@ class SynthDataset:
     seed: int
     val_json: Path | None = None  # written when n_val > 0: the split to tune on
     n_val: int = 0
+    captions_json: Path | None = None  # written with captions=True: captions of the training scenes
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,44 @@ def _sample_json(scene: _Scene, sample_id: str, scene_path: str, helper_path: st
     }
 
 
+CAPTION_QUESTION = "Describe the image region by region."
+CAPTION_DATASET = "Synth_Captions"
+
+
+def caption_json(sample_id: str, scene_path: str, caption: str) -> dict[str, Any]:
+    """A caption sample (Monet-SFT format, no helper image): the scene, :data:`CAPTION_QUESTION`,
+    the caption as the whole assistant turn. Used by the quickstart's vision warm-up (stage 0)."""
+    return {
+        "metadata": {"dataset_name": CAPTION_DATASET, "sample_id": sample_id},
+        "data": [
+            {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": [{"type": "image", "image": scene_path},
+                                         {"type": "text", "text": CAPTION_QUESTION}]},
+            {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+        ],
+    }
+
+
+def write_captions(out: Path, samples: list[dict[str, Any]]) -> Path:
+    """Write the caption samples of the training split to ``out/train_captions.json``."""
+    path = out / "train_captions.json"
+    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
+    return path
+
+
+def scene_caption(scene: _Scene) -> str:
+    """Every corner's content in a fixed order: ``"top-left: a red circle. top-right: empty. ..."``."""
+    by_corner = {scene.corner: scene.target}
+    for sh in scene.others:
+        half = SCENE_SIZE // 2
+        by_corner[(sh.box[1] >= half) * 2 + (sh.box[0] >= half)] = sh
+    parts = []
+    for c, name in enumerate(CORNERS):
+        sh = by_corner.get(c)
+        parts.append(f"{name}: {_article(sh.colour)} {sh.colour} {sh.kind}." if sh else f"{name}: empty.")
+    return " ".join(parts)
+
+
 _atomic_write_bytes = atomic_write_bytes
 
 
@@ -219,7 +258,7 @@ def _write_split(out: Path, split: str, scenes: list[_Scene]) -> Path:
 
 
 def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,
-                       n_val: int = 0) -> SynthDataset:
+                       n_val: int = 0, captions: bool = False) -> SynthDataset:
     """Write ``n`` training, ``n_val`` validation and ``n_eval`` held-out samples into ``out_dir``.
 
     Layout: ``out_dir/train.json`` and ``out_dir/eval.json`` (JSON lists in the Monet-SFT-125K
@@ -228,8 +267,9 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: in
     Eval samples carry the full reference assistant turn; the answer is its ``\\boxed{}``.
     With ``n_val > 0`` also ``out_dir/val.json`` (ids ``val-000000``...): the split to tune on.
     No scene of val or eval repeats a scene of an earlier split (train, val, eval), so tuning on val
-    leaves eval untouched. Same ``(n, n_eval, seed, n_val)`` -> byte-identical files. Returns a
-    :class:`SynthDataset`.
+    leaves eval untouched. With ``captions`` also ``out_dir/train_captions.json``: one caption
+    sample per *training* scene (:func:`scene_caption`, same image files). Same arguments ->
+    byte-identical files. Returns a :class:`SynthDataset`.
     """
     if min(n, n_eval, n_val) < 0:
         raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
@@ -241,4 +281,6 @@ def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: in
     train_json = _write_split(out, "train", scenes["train"])
     val_json = _write_split(out, "val", scenes["val"]) if n_val else None
     eval_json = _write_split(out, "eval", scenes["eval"])
-    return SynthDataset(out, train_json, eval_json, n, n_eval, seed, val_json, n_val)
+    caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
+                                for i, sc in enumerate(scenes["train"])]) if captions else None
+    return SynthDataset(out, train_json, eval_json, n, n_eval, seed, val_json, n_val, caps)

@@ -43,7 +43,7 @@ from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
 from monet.data.synth import (COLOURS, SHAPES, SYSTEM_PROMPT, _article, _atomic_write_bytes, _png_bytes,
-                              check_output_dir, disjoint_splits)
+                              caption_json, check_output_dir, disjoint_splits, write_captions)
 
 DATASET_NAME = "Synth_MultiHop"
 GRID = 4
@@ -73,6 +73,7 @@ class MultiHopDataset:
     n_val: int
     n_eval: int
     seed: int
+    captions_json: Path | None = None  # written with captions=True: captions of the training scenes
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,15 @@ def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tup
     }
 
 
+def scene_caption(scene: Scene) -> str:
+    """Every cell's content, row by row: ``"row 1: empty, red circle, arrow up, empty. row 2: ..."``
+    (the arrow's direction named as in the reasoning text)."""
+    by_cell = {sh.cell: f"{sh.colour} {sh.kind}" for sh in scene.shapes}
+    by_cell[scene.arrow_cell] = f"arrow {scene.direction}"
+    return " ".join(f"row {r + 1}: " + ", ".join(by_cell.get((c, r), "empty") for c in range(GRID)) + "."
+                    for r in range(GRID))
+
+
 def _write_split(out: Path, split: str, scenes: list[Scene]) -> Path:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -227,12 +237,16 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
 
 
 def synthesize_multihop(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,
-                        n_val: int = 0) -> MultiHopDataset:
+                        n_val: int = 0, captions: bool = False) -> MultiHopDataset:
     """Write ``train.json`` / ``val.json`` / ``eval.json`` and their PNGs into ``out_dir``
-    (layout as :func:`monet.data.synth.synthesize_dataset`). Same arguments -> identical bytes."""
+    (layout as :func:`monet.data.synth.synthesize_dataset`; ``captions``: also
+    ``train_captions.json``, :func:`scene_caption` of every training scene). Same arguments ->
+    identical bytes."""
     out = Path(out_dir)
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
     out.mkdir(parents=True, exist_ok=True)
     paths = {split: _write_split(out, split, s) for split, s in scenes.items()}
-    return MultiHopDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed)
+    caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
+                                for i, sc in enumerate(scenes["train"])]) if captions else None
+    return MultiHopDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed, caps)
