@@ -181,8 +181,8 @@ def _add_quickstart(sub) -> None:
                         "(use val for tuning settings, so the held-out split stays untouched)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every stage and control")
     p.add_argument("--caption-epochs", type=float, default=None,
-                   help="epochs of stage 0, the vision warm-up on captions of the training scenes (0 skips it; "
-                        "default 3)")
+                   help="epochs of stage 0, the vision warm-up on captions of the training scenes (default 0: "
+                        "skipped)")
     p.add_argument("--vlpo-steps", type=int, default=None,
                    help="steps of the VLPO phase after stage 3 (0 skips it; default 8, --fast 2)")
     p.add_argument("--seed", type=int, default=0)
