@@ -241,3 +241,24 @@ def test_quickstart_settings_refuse_an_unknown_task():
 
     with pytest.raises(ValueError, match="task must be one of"):
         QuickstartSettings(task="zoomz")
+
+
+def test_colour_reading_probe_runs_and_writes_its_curves(tmp_path):
+    """benchmarks/probe_colour_reading.py (the evidence for the quickstart's lr): two steps per lr,
+    one curve point per step, accuracies are counts over the 128 held-out images, and a learning rate
+    too small to move the weights leaves the held-out predictions (hence accuracy) unchanged."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "probe.json"
+    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "probe_colour_reading.py"), "--lr", "1e-12", "5e-4",
+                          "--steps", "2", "--every", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["chance"] == pytest.approx(1 / 6) and set(r["curves"]) == {"1e-12", "0.0005"}
+    for curve in r["curves"].values():
+        assert [p["step"] for p in curve] == [1, 2]
+        assert all(math.isfinite(p["loss"]) and (p["accuracy"] * 128) == round(p["accuracy"] * 128) for p in curve)
+    frozen = r["curves"]["1e-12"]
+    assert frozen[0]["accuracy"] == frozen[1]["accuracy"]
