@@ -189,7 +189,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a few steps per stage and 8 held-out samples (CI smoke run)")
     p.add_argument("--epochs", default=None,
                    help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation and the VLPO rollouts (default: 128 zoom, 192 multihop)")
     p.add_argument("--task", choices=["zoom", "multihop"], default="zoom",
                    help="synthetic task: one zoom-in (default) or the two-hop arrow lookup (docs/demo.md)")
     p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
@@ -227,6 +227,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         settings.max_new_tokens = args.max_new_tokens
     settings.labels = args.labels
+    if args.task != settings.task and args.max_new_tokens is None and not args.fast:
+        settings.max_new_tokens = None  # the task's own answer budget
     settings.task = args.task
     settings.__post_init__()  # validate the combination
     run_quickstart(args.out, settings)

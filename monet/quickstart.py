@@ -59,6 +59,9 @@ ROWS: dict[str, tuple[str, str]] = {
 GOAL_MARGIN = 0.10
 GOAL_MAX_COSINE = 0.5
 TASKS = ("zoom", "multihop")
+#: Default answer budget per task: the reference stage-3 answers take ~90 (zoom) and ~130 (multihop,
+#: two spans) tokens with K = 4; a budget below that truncates every answer before its \boxed{}.
+ANSWER_TOKENS = {"zoom": 128, "multihop": 192}
 
 
 @dataclass
@@ -85,7 +88,8 @@ class QuickstartSettings:
     # captioner learns no region's content (docs/demo.md), so it only costs time.
     caption_epochs: float = 0.0
     max_steps: int | None = None
-    max_new_tokens: int = 128
+    # answer budget of the evaluation and the VLPO rollouts; None: the task's (ANSWER_TOKENS)
+    max_new_tokens: int | None = None
     eval_batch_size: int = 64
     # The paper freezes a *pretrained* vision tower; the tiny model's tower is random, so by
     # default the quickstart trains it too (set True to follow the paper exactly).
@@ -112,6 +116,8 @@ class QuickstartSettings:
             raise ValueError("eval_split='val' needs n_val >= 1")
         if not (self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = ANSWER_TOKENS[self.task]
         if self.caption_epochs < 0:
             raise ValueError(f"caption_epochs must be >= 0, got {self.caption_epochs!r}")
         if self.vlpo_steps < 0 or self.vlpo_n < 2 or self.vlpo_prompts < 1 or not self.vlpo_lr > 0:
