@@ -201,18 +201,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from monet.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.default(fast=args.fast, preset=args.preset, seed=args.seed)
-    if args.n_train is not None:
-        settings.n_train = args.n_train
-    if args.n_eval is not None:
-        settings.n_eval = args.n_eval
-    if args.n_val is not None:
-        settings.n_val = args.n_val
-    if args.lr is not None:
-        settings.lr = args.lr
-    if args.vlpo_steps is not None:
-        settings.vlpo_steps = args.vlpo_steps
-    if args.caption_epochs is not None:
-        settings.caption_epochs = args.caption_epochs
+    for name in ("n_train", "n_eval", "n_val", "lr", "vlpo_steps", "caption_epochs"):  # given -> overrides
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
     settings.eval_split = args.split
     if args.epochs is not None:
         try:
