@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_px: int = 22, every: int = 50,
-              seed: int = 0, task: str = "colour") -> list[dict]:
+              seed: int = 0, task: str = "colour", preset: str = "tiny") -> list[dict]:
     """Train the probe once; returns ``[{"step", "loss", "accuracy"}, ...]`` every ``every`` steps and at the end."""
     import torch
     from PIL import Image, ImageDraw
@@ -40,7 +40,7 @@ def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_p
     from monet.testing import build_tiny_checkpoint
 
     torch.manual_seed(seed)
-    ckpt = build_tiny_checkpoint(None, "tiny")
+    ckpt = build_tiny_checkpoint(None, preset)
     proc = AutoProcessor.from_pretrained(ckpt)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
     names = sorted(COLOURS)
@@ -89,22 +89,24 @@ def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_p
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 pred = model(**held_out).logits[:, -1, answer_ids].argmax(-1)
-            curve.append({"step": step, "loss": float(loss), "accuracy": float((pred == held_labels).float().mean())})
+            curve.append({"step": step, "loss": loss.item(), "accuracy": float((pred == held_labels).float().mean())})
     return curve
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=["colour", "side"], default="colour")
+    ap.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="monet.testing preset")
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-3, 1e-3, 5e-4, 3e-4])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--out", default="probe_colour_reading.json")
     args = ap.parse_args(argv)
-    results = {"task": args.task, "chance": 1 / 6, "colours_without_side": 0.5 if args.task == "side" else None,
+    results = {"task": args.task, "preset": args.preset, "chance": 1 / 6, "colours_without_side": 0.5 if args.task == "side" else None,
                "steps": args.steps, "curves": {}}
     for lr in args.lr:
-        results["curves"][str(lr)] = curve = run_probe(lr, steps=args.steps, every=args.every, task=args.task)
+        results["curves"][str(lr)] = curve = run_probe(lr, steps=args.steps, every=args.every, task=args.task,
+                                                       preset=args.preset)
         print(f"lr {lr:g}: " + "  ".join(f"{p['step']}:{100 * p['accuracy']:.0f}%" for p in curve), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
