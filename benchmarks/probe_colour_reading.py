@@ -11,6 +11,9 @@ other images every ``--every`` steps. Results go to ``--out`` as JSON, one curve
   the left/right half?" Reading the colours without telling left from right gives 1/2; only a
   model that looks the named half up (through M-RoPE positions: Qwen2.5-VL's vision tower adds no
   absolute position to a token's content) gets above it.
+* ``--task key``: the same lookup by content: each half is a tile of its own colour (the key)
+  holding a small square of another colour; "what colour is the small square on the red tile?"
+  Two squares, so naming a square present without finding the right tile gives 1/2.
 
 ::
 
@@ -18,7 +21,8 @@ other images every ``--every`` steps. Results go to ``--out`` as JSON, one curve
     python benchmarks/probe_colour_reading.py --task side --lr 5e-4 --steps 600 --out side.json
 
 Measured (docs/demo.md): colour at 2e-3 stays near chance, at 5e-4 and 3e-4 every colour is read
-after ~150 steps; side at 5e-4 reaches ~55% after 600 steps (the colours, not the side).
+after ~150 steps; side at 5e-4 reaches ~55% after 600 steps (the colours, not the side); key at
+5e-4 reaches 92% after 600 steps (a lookup by content is learned).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_p
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
     names = sorted(COLOURS)
     answer_ids = torch.tensor([proc.tokenizer(" " + n, add_special_tokens=False).input_ids[0] for n in names])
-    if task not in ("colour", "side"):
-        raise ValueError(f"task must be 'colour' or 'side', got {task!r}")
+    if task not in ("colour", "side", "key"):
+        raise ValueError(f"task must be 'colour', 'side' or 'key', got {task!r}")
     proc.tokenizer.padding_side = "left"  # the answer is read at the last position of every row
 
     def prompt(question: str) -> str:
@@ -63,6 +67,18 @@ def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_p
                 x, y = rng.randrange(size - shape_px), rng.randrange(size - shape_px)
                 draw.rectangle([x, y, x + shape_px - 1, y + shape_px - 1], fill=COLOURS[names[c]])
                 texts.append(prompt("What colour is the shape?"))
+            elif task == "key":
+                keys = rng.sample(range(len(names)), 2)
+                inner = [rng.choice([i for i in range(len(names)) if i != k]) for k in keys]
+                while inner[0] == inner[1]:
+                    inner[1] = rng.choice([i for i in range(len(names)) if i != keys[1]])
+                half, q = size // 2, size // 8
+                for j, (k, c) in enumerate(zip(keys, inner)):
+                    draw.rectangle([j * half, 0, (j + 1) * half - 1, size - 1], fill=COLOURS[names[k]])
+                    draw.rectangle([j * half + q, 3 * q, j * half + 3 * q - 1, 5 * q - 1], fill=COLOURS[names[c]])
+                j = rng.randrange(2)
+                c = inner[j]
+                texts.append(prompt(f"What colour is the small square on the {names[keys[j]]} tile?"))
             else:
                 left, right = rng.sample(range(len(names)), 2)
                 draw.rectangle([0, 0, size // 2 - 1, size - 1], fill=COLOURS[names[left]])
@@ -95,14 +111,14 @@ def run_probe(lr: float, *, steps: int, batch: int = 16, size: int = 56, shape_p
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=["colour", "side"], default="colour")
+    ap.add_argument("--task", choices=["colour", "side", "key"], default="colour")
     ap.add_argument("--preset", choices=["tiny", "small"], default="tiny", help="monet.testing preset")
     ap.add_argument("--lr", type=float, nargs="+", default=[2e-3, 1e-3, 5e-4, 3e-4])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--out", default="probe_colour_reading.json")
     args = ap.parse_args(argv)
-    results = {"task": args.task, "preset": args.preset, "chance": 1 / 6, "colours_without_side": 0.5 if args.task == "side" else None,
+    results = {"task": args.task, "preset": args.preset, "chance": 1 / 6, "colours_without_side": 0.5 if args.task in ("side", "key") else None,
                "steps": args.steps, "curves": {}}
     for lr in args.lr:
         results["curves"][str(lr)] = curve = run_probe(lr, steps=args.steps, every=args.every, task=args.task,

@@ -262,8 +262,10 @@ def test_colour_reading_probe_runs_and_writes_its_curves(tmp_path):
         assert all(math.isfinite(p["loss"]) and (p["accuracy"] * 128) == round(p["accuracy"] * 128) for p in curve)
     frozen = r["curves"]["1e-12"]
     assert frozen[0]["accuracy"] == frozen[1]["accuracy"]
-    res = subprocess.run([sys.executable, str(repo / "benchmarks" / "probe_colour_reading.py"), "--task", "side",
-                          "--lr", "5e-4", "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    r = json.loads(out.read_text())
-    assert r["task"] == "side" and r["colours_without_side"] == 0.5 and len(r["curves"]["0.0005"]) == 1
+    for task in ("side", "key"):
+        res = subprocess.run([sys.executable, str(repo / "benchmarks" / "probe_colour_reading.py"), "--task", task,
+                              "--lr", "5e-4", "--steps", "1", "--out", str(out)], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        r = json.loads(out.read_text())
+        assert r["task"] == task and r["colours_without_side"] == 0.5 and len(r["curves"]["0.0005"]) == 1
