@@ -138,12 +138,10 @@ class VLPORunConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> "VLPORunConfig":
         """Load ``path`` and apply ``overrides`` (``{"lr": 2e-6, "vlpo.sigma": 5}``)."""
+        from monet.train.config import read_yaml_mapping
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path)
         return cls.from_dict(raw, overrides, base=path.parent, where=str(path))
 
     @classmethod

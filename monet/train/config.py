@@ -21,6 +21,18 @@ import yaml
 from monet.data.stage_layout import DEFAULT_CE_EMPHASIZE
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings mapping of a YAML config file (``yaml.safe_load``: plain data only); an empty
+    file is ``{}``. A missing file or a document that is not a mapping is an error naming ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    return raw
+
+
 @dataclass
 class SFTConfig:
     """Settings of one SFT stage (docs/design.md, section 4). Paths may be relative to the YAML file.
@@ -133,11 +145,7 @@ class SFTConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "SFTConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path)
         raw.update(overrides or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
