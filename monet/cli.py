@@ -189,9 +189,10 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--fast", action="store_true", help="a few steps per stage and 8 held-out samples (CI smoke run)")
     p.add_argument("--epochs", default=None,
                    help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation and the VLPO rollouts (default: 128 zoom, 192 multihop)")
-    p.add_argument("--task", choices=["zoom", "multihop"], default="zoom",
-                   help="synthetic task: one zoom-in (default) or the two-hop arrow lookup (docs/demo.md)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation and the VLPO rollouts (default: 128 zoom, 192 multihop, 112 keys)")
+    p.add_argument("--task", choices=["zoom", "multihop", "keys"], default="zoom",
+                   help="synthetic task: one zoom-in (default), the two-hop arrow lookup, or pointer chasing "
+                        "between colour-keyed tiles (docs/demo.md)")
     p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
                    help="CE targets: every token the decoder must emit (default) or the research code's")
     p.set_defaults(func=_cmd_quickstart)

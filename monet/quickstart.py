@@ -58,10 +58,11 @@ ROWS: dict[str, tuple[str, str]] = {
 #: Thresholds of the demo's goals (measured, reported; nothing depends on them).
 GOAL_MARGIN = 0.10
 GOAL_MAX_COSINE = 0.5
-TASKS = ("zoom", "multihop")
-#: Default answer budget per task: the reference stage-3 answers take ~90 (zoom) and ~130 (multihop,
-#: two spans) tokens with K = 4; a budget below that truncates every answer before its \boxed{}.
-ANSWER_TOKENS = {"zoom": 128, "multihop": 192}
+TASKS = ("zoom", "multihop", "keys")
+#: Default answer budget per task: the reference stage-3 answers take ~90 (zoom), ~130 (multihop,
+#: two spans) and ~75 (keys, two spans) tokens with K = 4; a budget below that truncates every
+#: answer before its \boxed{}.
+ANSWER_TOKENS = {"zoom": 128, "multihop": 192, "keys": 112}
 
 
 @dataclass
@@ -169,15 +170,14 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         return result
 
     if s.task == "multihop":
-        from monet.data.synth_multihop import synthesize_multihop
-
-        data = timed("synthetic data (multi-hop)",
-                     lambda: synthesize_multihop(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val,
-                                                 captions=s.caption_epochs > 0))
+        from monet.data.synth_multihop import synthesize_multihop as synthesize
+    elif s.task == "keys":
+        from monet.data.synth_keys import synthesize_keys as synthesize
     else:
-        data = timed("synthetic data",
-                     lambda: synthesize_dataset(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val,
-                                                captions=s.caption_epochs > 0))
+        synthesize = synthesize_dataset
+    data = timed(f"synthetic data ({s.task})",
+                 lambda: synthesize(out / "data", s.n_train, s.n_eval, s.seed, n_val=s.n_val,
+                                    captions=s.caption_epochs > 0))
     eval_json = data.val_json if s.eval_split == "val" else data.eval_json
     base = timed("base model", lambda: build_tiny_checkpoint(out / "base", preset=s.preset, seed=s.seed, cache=True))
 
@@ -289,10 +289,18 @@ def vlpo_summary(rows: list[dict], vlpo_rows: list[dict] | None) -> dict | None:
     }
 
 
-def chance_of(reference: str | None) -> int:
-    """Number of options within the asked attribute of a synthetic answer (6 colours or 3 shapes)."""
+def chance_of(reference: str | None, task: str = "zoom") -> int:
+    """Number of equally likely options of a synthetic answer: for ``zoom``/``multihop`` the asked
+    attribute's values (6 colours or 3 shapes); for ``keys`` 3 (see :data:`monet.data.synth_keys.CHANCE`:
+    without following both dots, the answer is one of three tiles' colours, each with probability 1/3)."""
     from monet.data.synth import COLOURS, SHAPES
 
+    if task == "keys":
+        from monet.data.synth_keys import CHANCE
+
+        if reference not in COLOURS:
+            raise ValueError(f"reference answer {reference!r} is not a colour of the keys task")
+        return round(1 / CHANCE)
     if reference in COLOURS:
         return len(COLOURS)
     if reference in SHAPES:
@@ -346,7 +354,7 @@ def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints
             "checkpoint": str(ck), "checkpoint_sha256": checkpoint_hash(ck)["sha256"],
             "helper_images": helpers, "ablation": ablation,
             "n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": [lo, hi],
-            "chance": diag.chance_level([chance_of(r["reference"]) for r in samples]) if n else None,
+            "chance": diag.chance_level([chance_of(r["reference"], s.task) for r in samples]) if n else None,
             "answered": rep.answered, "degenerate": sum(r["verdict"] == "degenerate" for r in samples) / max(n, 1),
             "latent_span_rate": rate.share_with_span if rate else None,
             "latent_spans_per_answer": rate.spans_per_answer if rate else None,

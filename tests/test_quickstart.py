@@ -269,3 +269,19 @@ def test_colour_reading_probe_runs_and_writes_its_curves(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         r = json.loads(out.read_text())
         assert r["task"] == task and r["colours_without_side"] == 0.5 and len(r["curves"]["0.0005"]) == 1
+
+
+def test_chance_per_task_and_answer_budget():
+    """Zoom/multihop: guessing within the asked attribute (6 colours, 3 shapes); keys: 1/3 whatever
+    the colour (monet.data.synth_keys.CHANCE); every task has its own answer budget."""
+    from monet.eval.diagnostics import chance_level
+    from monet.quickstart import ANSWER_TOKENS, TASKS, QuickstartSettings, chance_of
+
+    assert chance_level([chance_of("red"), chance_of("circle")]) == pytest.approx((1 / 6 + 1 / 3) / 2)
+    assert chance_level([chance_of("red", "keys"), chance_of("blue", "keys")]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="not a colour of the keys task"):
+        chance_of("circle", "keys")
+    with pytest.raises(ValueError, match="neither a colour nor a shape"):
+        chance_of("seven")
+    for task in TASKS:
+        assert QuickstartSettings(task=task).max_new_tokens == ANSWER_TOKENS[task]
