@@ -145,12 +145,19 @@ def question_text(scene: Scene) -> str:
             f"to the tile its dot names. What colour is the dot on that tile? Put the final answer in \\boxed{{}}.")
 
 
-def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, str]) -> dict[str, Any]:
+def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, str],
+                observe_pointer: bool = False) -> dict[str, Any]:
     start = scene.keys[scene.start]
     first = f"I will look at the {start} tile.{PLACEHOLDER}"
-    second = (f"<observation>This is the {start} tile.</observation> Its dot names the next tile; I will look at "
-              f"that tile.{PLACEHOLDER}")
-    last = f"<observation>This is the tile it names.</observation> So the answer is \\boxed{{{scene.answer}}}."
+    if observe_pointer:
+        hop = scene.keys[scene.hop]
+        second = (f"<observation>The {start} tile's dot is {hop}.</observation> I will look at the {hop} "
+                  f"tile.{PLACEHOLDER}")
+        last = f"<observation>This is the {hop} tile.</observation> So the answer is \\boxed{{{scene.answer}}}."
+    else:
+        second = (f"<observation>This is the {start} tile.</observation> Its dot names the next tile; I will look "
+                  f"at that tile.{PLACEHOLDER}")
+        last = f"<observation>This is the tile it names.</observation> So the answer is \\boxed{{{scene.answer}}}."
     return {
         "metadata": {"dataset_name": DATASET_NAME, "sample_id": sample_id},
         "data": [
@@ -171,7 +178,7 @@ def scene_caption(scene: Scene) -> str:
     return " ".join(f"{scene.keys[t]} tile with a {scene.dot_colour(t)} dot." for t in range(TILES))
 
 
-def _write_split(out: Path, split: str, scenes: list[Scene]) -> Path:
+def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool) -> Path:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -182,7 +189,7 @@ def _write_split(out: Path, split: str, scenes: list[Scene]) -> Path:
         _atomic_write_bytes(out / rel, _png_bytes(img))
         _atomic_write_bytes(out / helpers[0], _png_bytes(tile_crop(img, scene.start)))
         _atomic_write_bytes(out / helpers[1], _png_bytes(tile_crop(img, scene.hop)))
-        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers))
+        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe_pointer))
     path = out / f"{split}.json"
     _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
     return path
@@ -196,7 +203,7 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
 
 
 def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0, n_val: int = 0,
-                    captions: bool = False) -> KeysDataset:
+                    captions: bool = False, observe_pointer: bool = False) -> KeysDataset:
     """Write ``train.json`` / ``val.json`` / ``eval.json`` and their PNGs into ``out_dir``
     (layout as :func:`monet.data.synth.synthesize_dataset`; ``captions``: also
     ``train_captions.json``, :func:`scene_caption` of every training scene). Same arguments ->
@@ -205,7 +212,7 @@ def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int =
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {split: _write_split(out, split, s) for split, s in scenes.items()}
+    paths = {split: _write_split(out, split, s, observe_pointer) for split, s in scenes.items()}
     caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
                                 for i, sc in enumerate(scenes["train"])]) if captions else None
     return KeysDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed, caps)
