@@ -88,8 +88,11 @@ def _actors(ray: Any):
             return {"time/sync": rep.seconds, "sync/bytes": float(rep.bytes)}
 
         def probe(self, requests, kw: dict):
-            from monet.rl.weight_sync import probe_generations
+            from monet.rl.rollout import HFRolloutEngine
+            from monet.rl.weight_sync import hf_generate, probe_generations
 
+            if isinstance(self.engine, HFRolloutEngine):  # its own model copy, decoded by monet.generate
+                return probe_generations(hf_generate(self.engine.model, self.processor), requests, **kw)
             return probe_generations(self.engine.generate, requests, **kw)
 
         def shutdown(self) -> None:
