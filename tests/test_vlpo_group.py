@@ -138,6 +138,10 @@ def _check_against_reference(out, rows, reference, ckpt) -> None:  # noqa: F811
 def test_two_workers_plain_data_parallel_match_one_process(plain_run, reference, ckpt):  # noqa: F811
     out, rows = plain_run
     _check_against_reference(out, rows, reference, ckpt)
+    # here even bit for bit: each rank holds one micro-batch of the (single) mini-batch, and a sum of
+    # two gradients does not depend on the order (one accumulation in one process, one all-reduce here)
+    ours, ref = _weights(latest_checkpoint(out)), _weights(latest_checkpoint(reference))
+    assert all(torch.equal(ours[n], ref[n]) for n in ref)
     saved = json.loads((latest_checkpoint(out) / "vlpo_state.json").read_text())["state"]
     assert saved["train_workers"] == 2 and saved["deepspeed"] is None and saved["optimizer"]["state"]
 
@@ -173,22 +177,28 @@ def test_resume_with_two_workers_repeats_the_uninterrupted_run(plain_run, ckpt, 
     _assert_same_run(resumed, done)
 
 
-def test_two_workers_deepspeed_zero3_match_one_process_and_resume_exactly(local_ray, ckpt, data, reference,  # noqa: F811
-                                                                          tmp_path):
-    """ZeRO-3 with every parameter partitioned (persistence threshold 0): the weights sent to the
-    rollout actor and written to checkpoints are gathered, the probe agrees, the optimiser shards
-    sit in the atomic checkpoint, and resuming from step 1 reproduces the uninterrupted run bit
-    for bit (DeepSpeed restores each rank's fp32 partition and moments)."""
+@pytest.fixture(scope="module")
+def zero3_run(local_ray, ckpt, data, reference):  # noqa: F811
+    """2 workers under DeepSpeed ZeRO-3 with every parameter partitioned (persistence threshold 0)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
     from monet.rl.controller import run_vlpo_ray
 
+    root = reference.parent
     repo = Path(__file__).resolve().parents[1]
     zero3 = json.loads((repo / "scripts" / "deepspeed" / "zero3.json").read_text())
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
-    cfg = dict(train_workers=2, deepspeed=str(tmp_path / "zero3.json"))
-    out = tmp_path / "zero3"
+    (root / "zero3.json").write_text(json.dumps(zero3))
+    cfg = dict(train_workers=2, deepspeed=str(root / "zero3.json"))
+    out = root / "zero3"
     rows = run_vlpo_ray(group_config(ckpt, data, out, **cfg), printer=None)
+    return out, rows, cfg
+
+
+def test_two_workers_deepspeed_zero3_match_one_process(zero3_run, reference, ckpt):  # noqa: F811
+    """The weights sent to the rollout actor after each step and written to the checkpoints are
+    gathered from the partitions (the probe agrees with them); the optimiser shards sit inside the
+    atomic checkpoint, one per rank."""
+    out, rows, _ = zero3_run
     _check_against_reference(out, rows, reference, ckpt)
     for r in rows:
         assert r["sync/probe_tokens_match"] == 1.0 and r["sync/probe_latent_diff"] <= 1e-6
@@ -196,9 +206,13 @@ def test_two_workers_deepspeed_zero3_match_one_process_and_resume_exactly(local_
     saved = json.loads((c1 / "vlpo_state.json").read_text())["state"]
     assert saved["optimizer"] is None and saved["deepspeed"] == {"world_size": 2, "zero_stage": 3}
     shards = sorted(p.name for p in (c1 / "deepspeed" / "state").glob("*optim_states.pt"))
-    assert len(shards) == 2, shards  # one per rank, inside the checkpoint
+    assert len(shards) == 2, shards
     assert not list(out.glob(".checkpoint-*"))  # no staging folder left behind
 
+
+def test_deepspeed_zero3_resume_repeats_the_uninterrupted_run(zero3_run, ckpt, data, tmp_path):  # noqa: F811
+    """Bit for bit: DeepSpeed restores each rank's fp32 partition and AdamW moments, rank 0 the rest."""
+    out, _, cfg = zero3_run
     resumed = tmp_path / "resumed"
     rows = _resume_from_step_1(out, resumed, group_config(ckpt, data, resumed, **cfg))
     assert [r["step"] for r in rows] == [2]
@@ -226,3 +240,38 @@ def test_group_settings_and_checkpoint_kinds_are_checked(ckpt, data, tmp_path): 
                                         {}, 2)
     with pytest.raises(ckpt_io.CheckpointError, match="shards of 2 ranks, but this group has 3"):
         ckpt_io.restore_actor_optimizer(ds, tmp_path / "c", {"optimizer": None, "deepspeed": {"world_size": 2}}, {}, 3)
+
+
+def test_replica_check_names_the_first_diverged_tensor(monkeypatch):
+    """Plain data parallel saves rank 0's replica only, so every save first compares the ranks'
+    weights and AdamW state: a single moment element off by 1e-7 on rank 1 is named. (The
+    collective is replaced by the two replicas' checksums, computed by the same method.)"""
+    from torch import nn
+
+    import monet.rl.actor as actor_mod
+    from monet.rl.actor import Actor
+    from monet.train.distributed import DistInfo
+
+    def replica(poison: bool):
+        torch.manual_seed(0)
+        m = nn.Linear(3, 2)
+        opt = torch.optim.AdamW(m.parameters(), lr=LR)
+        m(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        if poison:
+            opt.state[m.weight]["exp_avg"][0, 0] += 1e-7
+        return SimpleNamespace(engine=None, dist=DistInfo(0, 2), policy=m, params=list(m.parameters()), optimizer=opt)
+
+    def checksums(a):
+        seen = {}
+        monkeypatch.setattr(actor_mod, "gather_from_ranks", lambda local, w: seen.setdefault("v", local).repeat(2, 1, 1))
+        Actor.check_replicas(a)  # equal to itself
+        return seen["v"]
+
+    good, bad = checksums(replica(False)), checksums(replica(True))
+    assert good.shape == (2 * 4, 2)  # weight and bias, each with exp_avg, exp_avg_sq and step
+    monkeypatch.setattr(actor_mod, "gather_from_ranks", lambda local, w: torch.stack([local, good]))
+    Actor.check_replicas(replica(False))
+    monkeypatch.setattr(actor_mod, "gather_from_ranks", lambda local, w: torch.stack([local, bad]))
+    with pytest.raises(RuntimeError, match=r"rank 1's weight \(AdamW exp_avg\) differs from rank 0's \(1 tensors"):
+        Actor.check_replicas(replica(False))

@@ -208,6 +208,38 @@ class Actor:
         entered by every rank; otherwise a no-op)."""
         return full_weights(self.engine, self.policy)
 
+    def check_replicas(self) -> None:
+        """Plain data parallel: every rank must hold the same weights and AdamW state (the same start,
+        the same summed gradients, the same steps). Compares a checksum per tensor (float64 sum and
+        sum of squares of each parameter and of its AdamW moments, and the step count) with every
+        other rank's — collective, one ``all_gather`` — and raises on every rank, naming the first
+        tensor and rank that differ. A no-op in one process and under DeepSpeed (partitioned state)."""
+        if self.engine is not None or not self.dist.enabled:
+            return
+        names, vals = [], []
+        zero = torch.zeros((), dtype=torch.float64)
+
+        def add(name: str, t: torch.Tensor | None) -> None:
+            t = t.detach().double() if t is not None else zero
+            names.append(name)
+            vals.append(torch.stack([t.sum(), (t * t).sum()]).cpu())
+
+        trained = {id(p) for p in self.params}
+        for name, p in self.policy.named_parameters():
+            add(name, p)
+            if id(p) in trained:
+                st = self.optimizer.state.get(p, {})
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    v = st.get(k)
+                    add(f"{name} (AdamW {k})", v if isinstance(v, torch.Tensor) else
+                        (torch.tensor(float(v)) if v is not None else None))
+        every = gather_from_ranks(torch.stack(vals), self.dist.world_size)  # [W, tensors, 2]
+        for r in range(1, self.dist.world_size):
+            bad = (every[r] != every[0]).any(dim=1).nonzero().flatten()
+            if len(bad):
+                raise RuntimeError(f"the data-parallel replicas diverged: rank {r}'s {names[int(bad[0])]} differs "
+                                   f"from rank 0's ({len(bad)} tensors differ); refusing to continue")
+
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, model: Any, m: ActorMicroBatch) -> PolicyLogProbs:
         v = self.cfg.vlpo

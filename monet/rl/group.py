@@ -26,8 +26,8 @@ once: the other ranks may be blocked in a collective that will never complete)::
              whole. They go to the rollout actor through the object store (load_weights).
     save     DeepSpeed: every rank writes its optimiser shard into the staging folder of
              checkpoint-STEP, then the weights are gathered and rank 0 completes and renames the
-             folder (one atomic checkpoint); plain: rank 0 alone (every rank holds the same AdamW
-             state).
+             folder (one atomic checkpoint); plain: the ranks first compare checksums of their
+             weights and AdamW state (they must be identical), then rank 0 writes alone.
 
 With one worker and no DeepSpeed there is no process group and rank 0 trains alone: the update
 is exactly the single-process trainer's. ``N`` ranks compute the same gradients up to the order
@@ -130,7 +130,9 @@ class GroupWorker:
 
     def save(self, step: int) -> None:
         """Take part in writing ``checkpoint-STEP``: with DeepSpeed this rank's optimiser shard into the
-        staging folder, then the weight gathering; plain: nothing (rank 0 writes it alone)."""
+        staging folder, then the weight gathering; plain: the replica comparison
+        (:meth:`monet.rl.actor.Actor.check_replicas`; rank 0 writes the checkpoint alone)."""
+        self.replica.actor.check_replicas()
         engine = self.replica.actor.engine
         if engine is not None:
             ckpt_io.save_engine_shards(engine, self.cfg.output_dir, step)

@@ -409,7 +409,10 @@ class VLPOTrainer:
     def save(self) -> Path:
         """Write ``checkpoint-STEP`` (:mod:`monet.rl.checkpoint`). With DeepSpeed collective: every rank
         of the group writes its optimiser shard first, then the weights are gathered (ZeRO-3) and
-        this rank completes the checkpoint (the other ranks: :meth:`monet.rl.group.GroupWorker.save`)."""
+        this rank completes the checkpoint (the other ranks: :meth:`monet.rl.group.GroupWorker.save`).
+        Plain data parallel: the ranks' replicas are compared first (collective,
+        :meth:`monet.rl.actor.Actor.check_replicas`), since only rank 0's is saved."""
+        self.actor.check_replicas()
         tensors: dict[str, torch.Tensor] = {}
         waiting = {}
         for gid, w in self.waiting.items():
