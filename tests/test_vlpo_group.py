@@ -264,7 +264,8 @@ def test_replica_check_names_the_first_diverged_tensor(monkeypatch):
 
     def checksums(a):
         seen = {}
-        monkeypatch.setattr(actor_mod, "gather_from_ranks", lambda local, w: seen.setdefault("v", local).repeat(2, 1, 1))
+        monkeypatch.setattr(actor_mod, "gather_from_ranks",
+                            lambda local, w: seen.setdefault("v", local).repeat(2, 1, 1))
         Actor.check_replicas(a)  # equal to itself
         return seen["v"]
 

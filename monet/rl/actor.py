@@ -104,8 +104,8 @@ def make_micro_batch(batch: RolloutBatch, advantages: torch.Tensor, *, layout: S
     return ActorMicroBatch(b, masks, advantages.to(device))
 
 
-def collate_micro_batches(rollouts: Sequence[Any], advantages: torch.Tensor, encoded: dict, *,
-                          micro_batch_size: int, pad_id: int, hidden_size: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
+def collate_micro_batches(rollouts: Sequence[Any], advantages: torch.Tensor, encoded: dict, *, micro_batch_size: int,
+                          pad_id: int, hidden_size: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
     """The training batch (``rollouts`` in order, one advantage each) as ``(RolloutBatch, advantages
     [B])`` per micro-batch of ``micro_batch_size`` rollouts, on the CPU
     (:func:`monet.rl.batch.collate_rollouts`): what every rank of an actor group receives and turns

@@ -226,16 +226,16 @@ def restore_actor_optimizer(actor: Any, checkpoint: str | os.PathLike, state: di
     if actor.engine is None:
         if state.get("optimizer") is None:
             raise CheckpointError(f"{ckpt} was written by a DeepSpeed actor group (its optimiser state is in "
-                                  f"{ENGINE_DIR}/); resume with the same deepspeed setting, or start a new run from its "
-                                  f"weights with --set model={ckpt}")
+                                  f"{ENGINE_DIR}/); resume with the same deepspeed setting, or start a new run from "
+                                  f"its weights with --set model={ckpt}")
         load_optimizer_state(actor.optimizer, state["optimizer"], tensors)
         return
     if not ds:
         raise CheckpointError(f"{ckpt} holds a plain AdamW state, which a DeepSpeed engine cannot load; resume "
                               f"without deepspeed, or start a new run from its weights with --set model={ckpt}")
     if int(ds["world_size"]) != world_size:
-        raise CheckpointError(f"{ckpt} holds DeepSpeed optimiser shards of {ds['world_size']} ranks, but this group has "
-                              f"{world_size} (train_workers); resume with train_workers={ds['world_size']}")
+        raise CheckpointError(f"{ckpt} holds DeepSpeed optimiser shards of {ds['world_size']} ranks, but this group "
+                              f"has {world_size} (train_workers); resume with train_workers={ds['world_size']}")
     from monet.train.deepspeed_engine import check_deepspeed_checkpoint
 
     check_deepspeed_checkpoint(ckpt / ENGINE_DIR / ENGINE_TAG)  # DeepSpeed unpickles its files in full

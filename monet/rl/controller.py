@@ -259,7 +259,9 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
         try:
             # after a failure a rank may be stuck in a collective: it is killed without a close (its run
             # lock dies with it); the rollout engine is always shut down (its vLLM processes)
-            closing = ([r.close.remote() for r in ranks] if ok else []) + ([rollout.shutdown.remote()] if rollout else [])
+            closing = [r.close.remote() for r in ranks] if ok else []
+            if rollout is not None:
+                closing.append(rollout.shutdown.remote())
             if closing:
                 ray.wait(closing, num_returns=len(closing), timeout=120)
         finally:

@@ -118,7 +118,6 @@ class VLPOTrainer:
             from monet.train.checkpoint import remove_stale_temporaries
 
             remove_stale_temporaries(self.out)
-        self.device = torch.device(cfg.device)
         start = ckpt_io.latest_checkpoint(self.out) if resume else None
         if resume and start is None:
             self.printer(f"[vlpo] --resume: no checkpoint in {self.out}; starting from {cfg.model}")
@@ -353,7 +352,9 @@ class VLPOTrainer:
 
     def close_step(self, row: dict[str, Any], result: tuple[dict[str, float], list[float]] | None) -> dict[str, Any]:
         """Add the update's metrics (rank 0's :meth:`update` result; None: no update) and count the step."""
-        row = {**row, **(self.update_metrics(result) if result is not None else {}), "trained": int(result is not None)}
+        if result is not None:
+            row = {**row, **self.update_metrics(result)}
+        row["trained"] = int(result is not None)
         self.step_count += 1
         return row
 
