@@ -3,13 +3,16 @@
 Layout of ``OUTPUT/checkpoint-STEP/``: the policy (``save_pretrained``: safetensors weights,
 ``monet_config.json``) and processor — a complete model directory that ``monet.load_model`` and
 ``monet.vllm.LatentLLM`` open as is — plus the trainer state as ``vlpo_state.json`` (JSON: step,
-data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.safetensors`` (its
-tensors: optimiser moments, RNG state, latents of buffered rollouts), and ``vlpo_config.yaml``.
-``OUTPUT/latest`` names the newest complete checkpoint.
+data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.tensors`` (its
+tensors, in the safetensors format: optimiser moments, RNG state, latents of buffered rollouts),
+and ``vlpo_config.yaml``. ``OUTPUT/latest`` names the newest complete checkpoint. The tensor file
+does not end in ``.safetensors`` because vLLM loads every ``*.safetensors`` file of a model
+directory as weights (a checkpoint of an earlier monet, with ``vlpo_state.safetensors``, still
+resumes; only its engine start fails).
 
 Optimiser state by actor kind (:func:`actor_optimizer_state` / :func:`restore_actor_optimizer`):
 the plain actor (one process or data parallel, where every rank holds the same AdamW state) stores
-rank 0's AdamW state in ``vlpo_state.safetensors``, and every rank loads it on resume. A DeepSpeed
+rank 0's AdamW state in ``vlpo_state.tensors``, and every rank loads it on resume. A DeepSpeed
 actor partitions the optimiser state (ZeRO-2/3) and, under ZeRO-3, the fp32 master weights across
 the ranks: every rank writes its own shard with ``engine.save_checkpoint`` into the checkpoint's
 staging folder (``deepspeed/state/``, :func:`save_engine_shards`) before rank 0 completes and
@@ -44,11 +47,12 @@ import torch
 
 LATEST = "latest"
 STATE_JSON = "vlpo_state.json"
-STATE_TENSORS = "vlpo_state.safetensors"
+STATE_TENSORS = "vlpo_state.tensors"  # safetensors format; not *.safetensors (module docstring)
+LEGACY_STATE_TENSORS = "vlpo_state.safetensors"
 CONFIG_FILE = "vlpo_config.yaml"
 STATE_FORMAT = "monet-vlpo-state"
 STATE_VERSION = 1
-_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, CONFIG_FILE)
+_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, LEGACY_STATE_TENSORS, CONFIG_FILE)
 
 
 class CheckpointError(ValueError):
@@ -181,10 +185,13 @@ def load_state(checkpoint: str | os.PathLike) -> tuple[int, dict, dict[str, torc
         raise CheckpointError(f"{path} is not a VLPO trainer state")
     if int(doc.get("version", 0)) > STATE_VERSION:
         raise CheckpointError(f"{path} has state version {doc['version']}; this monet reads up to {STATE_VERSION}")
+    tpath = ckpt / STATE_TENSORS
+    if not tpath.is_file() and (ckpt / LEGACY_STATE_TENSORS).is_file():
+        tpath = ckpt / LEGACY_STATE_TENSORS
     try:
-        tensors = load_file(str(ckpt / STATE_TENSORS))
+        tensors = load_file(str(tpath))
     except Exception as e:
-        raise CheckpointError(f"{ckpt / STATE_TENSORS} is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{tpath} is unreadable ({type(e).__name__}: {e})") from None
     return int(doc["step"]), doc["state"], tensors
 
 

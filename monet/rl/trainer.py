@@ -198,7 +198,9 @@ class VLPOTrainer:
         return out
 
     def sampling(self) -> SamplingParams:
-        seed = _seed32(self.cfg.seed, "round", self.round_index) if self.cfg.engine == "hf" else None
+        """The round's sampling settings; its seed derives from the run seed and the round (per-request
+        seeds in a vLLM engine that supports them, :mod:`monet.rl.rollout`)."""
+        seed = _seed32(self.cfg.seed, "round", self.round_index)
         return SamplingParams(max_new_tokens=self.cfg.max_response_tokens, temperature=self.cfg.vlpo.temperature,
                               top_p=self.cfg.top_p, seed=seed, logit_bias=self.logit_bias)
 
@@ -235,6 +237,7 @@ class VLPOTrainer:
             "rewards": graded.reward.tolist(), "acc": graded.accuracy.tolist(), "fmt": graded.format.float().tolist(),
             "deg": graded.degenerate.float().tolist(), "len": [len(r.response_ids) for r in flat],
             "spans": [1.0 if n else 0.0 for n in n_lat], "latents": n_lat, "seconds": rnd.seconds,
+            "seeded": float(rnd.seeded),
             "tokens": rnd.generated_tokens, "grade_s": time.perf_counter() - t0, **decisions,
         })
         return self.sampler.ready()
@@ -388,6 +391,7 @@ class VLPOTrainer:
         secs = sum(s["seconds"] for s in st)
         out["rollout/tokens_per_s"] = sum(s["tokens"] for s in st) / secs if secs > 0 else float("nan")
         out["time/rollout"] = secs
+        out["rollout/seeded"] = min(s["seeded"] for s in st)  # 1: every round's samples follow from the seed
         out["time/reward"] = sum(s["grade_s"] for s in st)
         for k in ("kept", "all_wrong", "too_easy", "overflow"):
             out[f"groups/{k}"] = float(sum(s[k] for s in st))
