@@ -74,16 +74,18 @@ def free_port() -> int:
 
 
 def init_process_group(rank: int, world_size: int, address: str, port: int, device: str) -> DistInfo:
-    """Join the actor group's process group at ``tcp://address:port`` as ``rank`` of ``world_size``
-    (nccl for a CUDA ``device``, else gloo). Each rank is a Ray actor with its devices made
-    visible by Ray, so its local rank is 0.
+    """Join the actor group's process group at ``tcp://address:port`` as ``rank`` of ``world_size``:
+    gloo on CPU; with a CUDA ``device`` nccl for CUDA tensors and gloo for the small CPU tensors the
+    actor reduces (action counts, metrics, replica checksums). Each rank is a Ray actor with its
+    devices made visible by Ray, so its local rank is 0.
 
     DeepSpeed reads the launcher's variables (``LOCAL_RANK`` above all) from the environment; they
     are set here, in this worker process, to the values passed explicitly (nothing else reads them)."""
     os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    if backend == "nccl":
+    cuda = torch.device(device).type == "cuda"
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if cuda:
         torch.cuda.set_device(0)
     torch.distributed.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
                                          world_size=world_size)
