@@ -115,7 +115,7 @@ def test_run_config_deepspeed_field(tmp_path):
         VLPORunConfig(model="m", data=["d"], deepspeed="z.json", dtype="float16")
     from monet.rl.trainer import VLPOTrainer
 
-    with pytest.raises(ValueError, match="the VLPO trainer and the Ray controller run the actor in one process"):
+    with pytest.raises(ValueError, match="DeepSpeed runs the actor in a process group, which the single-process"):
         VLPOTrainer(VLPORunConfig(model="m", data=["d"], deepspeed="z.json", output_dir=str(tmp_path / "o")),
                     printer=None, lock=False)
 

@@ -38,8 +38,9 @@ otherwise. The reference model is not partitioned (each rank holds a full frozen
 ``dtype: bfloat16`` DeepSpeed keeps fp32 master weights for AdamW, while the plain path updates the
 bf16 weights directly.
 
-Entry point (data-parallel actor on a saved batch; the Ray controller and ``monet vlpo`` run the
-actor in one process)::
+The Ray controller runs this actor as a group of ``train_workers`` Ray actors
+(:mod:`monet.rl.group`); ``monet vlpo --controller local`` in one process. Entry point for a
+saved batch (data parallel under torchrun)::
 
     torchrun --nproc_per_node 2 -m monet.rl.actor --config vlpo.yaml --batch BATCH_DIR --out OUT_DIR
 
@@ -103,17 +104,24 @@ def make_micro_batch(batch: RolloutBatch, advantages: torch.Tensor, *, layout: S
     return ActorMicroBatch(b, masks, advantages.to(device))
 
 
+def collate_micro_batches(rollouts: Sequence[Any], advantages: torch.Tensor, encoded: dict, *, micro_batch_size: int,
+                          pad_id: int, hidden_size: int) -> list[tuple[RolloutBatch, torch.Tensor]]:
+    """The training batch (``rollouts`` in order, one advantage each) as ``(RolloutBatch, advantages
+    [B])`` per micro-batch of ``micro_batch_size`` rollouts, on the CPU
+    (:func:`monet.rl.batch.collate_rollouts`): what every rank of an actor group receives and turns
+    into :class:`ActorMicroBatch` es on its own device with :func:`make_micro_batch`."""
+    adv = advantages.detach().cpu()
+    return [(collate_rollouts(rollouts[i:i + micro_batch_size], encoded, pad_id=pad_id, hidden_size=hidden_size),
+             adv[i:i + micro_batch_size]) for i in range(0, len(rollouts), micro_batch_size)]
+
+
 def micro_batches(rollouts: Sequence[Any], advantages: torch.Tensor, encoded: dict, *, micro_batch_size: int,
                   pad_id: int, hidden_size: int, layout: SpanLayout, token_ids: LatentTokenIds, device: Any,
                   dtype: torch.dtype) -> list[ActorMicroBatch]:
-    """The training batch (``rollouts`` in order, one advantage each) as micro-batches of
-    ``micro_batch_size`` rollouts (:func:`monet.rl.batch.collate_rollouts`)."""
-    out = []
-    for i in range(0, len(rollouts), micro_batch_size):
-        b = collate_rollouts(rollouts[i:i + micro_batch_size], encoded, pad_id=pad_id, hidden_size=hidden_size)
-        out.append(make_micro_batch(b, advantages[i:i + micro_batch_size], layout=layout, token_ids=token_ids,
-                                    device=device, dtype=dtype))
-    return out
+    """:func:`collate_micro_batches`, each made an :class:`ActorMicroBatch` on ``device``."""
+    return [make_micro_batch(b, adv, layout=layout, token_ids=token_ids, device=device, dtype=dtype)
+            for b, adv in collate_micro_batches(rollouts, advantages, encoded, micro_batch_size=micro_batch_size,
+                                                pad_id=pad_id, hidden_size=hidden_size)]
 
 
 def split_mini_batches(n_micro: int, mini_batches: int) -> list[range]:
@@ -199,6 +207,38 @@ class Actor:
         """A context in which the policy's parameters are whole (ZeRO-3: gathered, read-only,
         entered by every rank; otherwise a no-op)."""
         return full_weights(self.engine, self.policy)
+
+    def check_replicas(self) -> None:
+        """Plain data parallel: every rank must hold the same weights and AdamW state (the same start,
+        the same summed gradients, the same steps). Compares a checksum per tensor (float64 sum and
+        sum of squares of each parameter and of its AdamW moments, and the step count) with every
+        other rank's — collective, one ``all_gather`` — and raises on every rank, naming the first
+        tensor and rank that differ. A no-op in one process and under DeepSpeed (partitioned state)."""
+        if self.engine is not None or not self.dist.enabled:
+            return
+        names, vals = [], []
+        zero = torch.zeros((), dtype=torch.float64)
+
+        def add(name: str, t: torch.Tensor | None) -> None:
+            t = t.detach().double() if t is not None else zero
+            names.append(name)
+            vals.append(torch.stack([t.sum(), (t * t).sum()]).cpu())
+
+        trained = {id(p) for p in self.params}
+        for name, p in self.policy.named_parameters():
+            add(name, p)
+            if id(p) in trained:
+                st = self.optimizer.state.get(p, {})
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    v = st.get(k)
+                    add(f"{name} (AdamW {k})", v if isinstance(v, torch.Tensor) else
+                        (torch.tensor(float(v)) if v is not None else None))
+        every = gather_from_ranks(torch.stack(vals), self.dist.world_size)  # [W, tensors, 2]
+        for r in range(1, self.dist.world_size):
+            bad = (every[r] != every[0]).any(dim=1).nonzero().flatten()
+            if len(bad):
+                raise RuntimeError(f"the data-parallel replicas diverged: rank {r}'s {names[int(bad[0])]} differs "
+                                   f"from rank 0's ({len(bad)} tensors differ); refusing to continue")
 
     # -- scoring ----------------------------------------------------------------------------------
     def _score(self, model: Any, m: ActorMicroBatch) -> PolicyLogProbs:
@@ -287,6 +327,19 @@ class Actor:
         out.update(timings)
         return out, norms
 
+    def update_batch(self, batch: Sequence[tuple[RolloutBatch, torch.Tensor]]) -> tuple[dict[str, float], list[float]]:
+        """:meth:`update` on a batch collated on the CPU (:func:`collate_micro_batches`, what the Ray
+        actor group ships): made :class:`ActorMicroBatch` es on ``cfg.device`` first (that time is
+        counted in ``time/old_logp``, the pass that prepares them)."""
+        t0 = time.perf_counter()
+        dtype = next(self.policy.parameters()).dtype
+        micros = [make_micro_batch(b, adv, layout=self.layout, token_ids=self.token_ids, device=self.cfg.device,
+                                   dtype=dtype) for b, adv in batch]
+        t_make = time.perf_counter() - t0
+        out, norms = self.update(micros)
+        out["time/old_logp"] += t_make
+        return out, norms
+
     def _accumulate(self, mini: list[ActorMicroBatch], n_text: int, n_latent: int) -> list[dict]:
         """Forward and backward of this rank's micro-batches of one mini-batch; their metrics."""
         parts = []
@@ -331,6 +384,47 @@ class Actor:
         else:
             self.optimizer.step()
         return norm
+
+
+# -- one rank's policy replica -------------------------------------------------------------------------
+@dataclass
+class PolicyReplica:
+    """What one rank of the actor trains with: the policy (train mode), its processor, the frozen
+    reference (None when ``vlpo.kl_coef == 0``), the span layout, the latent token ids and the
+    :class:`Actor` (optimiser; DeepSpeed engine when configured)."""
+
+    policy: Any
+    processor: Any
+    reference: Any
+    layout: SpanLayout
+    token_ids: LatentTokenIds
+    actor: Actor
+
+
+def load_replica(cfg: VLPORunConfig, policy_dir: str, *, fresh: bool, dist: DistInfo | None = None) -> PolicyReplica:
+    """Load the policy from ``policy_dir`` (``cfg.dtype`` on ``cfg.device``; vision tower frozen when
+    ``cfg.freeze_vision``), the reference when ``cfg.vlpo.kl_coef > 0`` (a copy of the policy when
+    ``fresh``, i.e. ``policy_dir`` is the starting model ``cfg.model``; otherwise loaded from
+    ``cfg.model``) and build the :class:`Actor` — collective under ``dist`` (every rank calls this
+    at the same point: plain data parallel broadcasts rank 0's weights, DeepSpeed builds its engine).
+    The optimiser starts empty: resuming restores it afterwards (:mod:`monet.rl.checkpoint`)."""
+    import copy
+
+    import monet
+
+    policy, processor = monet.load_model(policy_dir, dtype=cfg.dtype, device=cfg.device)
+    policy.train()
+    token_ids = policy.monet_config.token_ids
+    layout = SpanLayout.of(cfg.latent_size, cfg.layout, default=policy.monet_config.span_layout)
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    reference = None
+    if cfg.vlpo.kl_coef > 0:
+        reference = copy.deepcopy(policy) if fresh else monet.load_model(cfg.model, dtype=cfg.dtype,
+                                                                         device=cfg.device)[0]
+        reference.eval().requires_grad_(False)
+    actor = Actor(policy, cfg, layout=layout, token_ids=token_ids, reference=reference, dist=dist)
+    return PolicyReplica(policy, processor, reference, layout, token_ids, actor)
 
 
 # -- a training batch on disk (safetensors + JSON; nothing is unpickled) -----------------------------
@@ -399,7 +493,6 @@ def load_actor_batch(folder: str | Path) -> list[tuple[RolloutBatch, torch.Tenso
 # -- entry point ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m monet.rl.actor`` (under torchrun for data parallel): module docstring."""
-    import monet
     from monet.train.distributed import init_distributed, shutdown_distributed
 
     ap = argparse.ArgumentParser(prog="python -m monet.rl.actor",
@@ -425,20 +518,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(cfg.device)
     dist = init_distributed(device)
     try:
-        policy, processor = monet.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        policy.train()
-        if cfg.freeze_vision:
-            policy.model.visual.requires_grad_(False)
-        reference = None
-        if cfg.vlpo.kl_coef > 0:
-            reference, _ = monet.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-            reference.eval().requires_grad_(False)
-        layout = SpanLayout.of(cfg.latent_size, cfg.layout, default=policy.monet_config.span_layout)
-        token_ids = policy.monet_config.token_ids
+        batch = load_actor_batch(args.batch)
+        rep = load_replica(cfg, cfg.model, fresh=True, dist=dist)
+        policy, processor, actor = rep.policy, rep.processor, rep.actor
         dtype = next(policy.parameters()).dtype
-        micros = [make_micro_batch(b, adv, layout=layout, token_ids=token_ids, device=device, dtype=dtype)
-                  for b, adv in load_actor_batch(args.batch)]
-        actor = Actor(policy, cfg, layout=layout, token_ids=token_ids, reference=reference, dist=dist)
+        micros = [make_micro_batch(b, adv, layout=rep.layout, token_ids=rep.token_ids, device=device, dtype=dtype)
+                  for b, adv in batch]
         rows = []
         for _ in range(args.updates):
             metrics, norms = actor.update(micros)

@@ -3,9 +3,23 @@
 Layout of ``OUTPUT/checkpoint-STEP/``: the policy (``save_pretrained``: safetensors weights,
 ``monet_config.json``) and processor — a complete model directory that ``monet.load_model`` and
 ``monet.vllm.LatentLLM`` open as is — plus the trainer state as ``vlpo_state.json`` (JSON: step,
-data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.safetensors`` (its
-tensors: optimiser moments, RNG state, latents of buffered rollouts), and ``vlpo_config.yaml``.
-``OUTPUT/latest`` names the newest complete checkpoint.
+data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.tensors`` (its
+tensors, in the safetensors format: optimiser moments, RNG state, latents of buffered rollouts),
+and ``vlpo_config.yaml``. ``OUTPUT/latest`` names the newest complete checkpoint. The tensor file
+does not end in ``.safetensors`` because vLLM loads every ``*.safetensors`` file of a model
+directory as weights (a checkpoint of an earlier monet, with ``vlpo_state.safetensors``, still
+resumes; only its engine start fails).
+
+Optimiser state by actor kind (:func:`actor_optimizer_state` / :func:`restore_actor_optimizer`):
+the plain actor (one process or data parallel, where every rank holds the same AdamW state) stores
+rank 0's AdamW state in ``vlpo_state.tensors``, and every rank loads it on resume. A DeepSpeed
+actor partitions the optimiser state (ZeRO-2/3) and, under ZeRO-3, the fp32 master weights across
+the ranks: every rank writes its own shard with ``engine.save_checkpoint`` into the checkpoint's
+staging folder (``deepspeed/state/``, :func:`save_engine_shards`) before rank 0 completes and
+renames the folder, so the shards are part of the same atomic checkpoint; resume needs the same
+number of ranks and restores each shard exactly. DeepSpeed unpickles its own files, so they are
+first checked with torch's weights-only unpickler
+(:func:`monet.train.deepspeed_engine.check_deepspeed_checkpoint`).
 
 Crash safety, retention and the refusal of non-finite weights are the SFT trainer's
 (:func:`monet.train.checkpoint.commit_checkpoint`): a checkpoint is written into a temporary folder,
@@ -33,11 +47,12 @@ import torch
 
 LATEST = "latest"
 STATE_JSON = "vlpo_state.json"
-STATE_TENSORS = "vlpo_state.safetensors"
+STATE_TENSORS = "vlpo_state.tensors"  # safetensors format; not *.safetensors (module docstring)
+LEGACY_STATE_TENSORS = "vlpo_state.safetensors"
 CONFIG_FILE = "vlpo_config.yaml"
 STATE_FORMAT = "monet-vlpo-state"
 STATE_VERSION = 1
-_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, CONFIG_FILE)
+_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, LEGACY_STATE_TENSORS, CONFIG_FILE)
 
 
 class CheckpointError(ValueError):
@@ -123,11 +138,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, tensors:
 # -- folders ---------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None, state: dict,
                     tensors: dict[str, torch.Tensor], config_yaml: str | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, staged: Path | None = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and point ``latest`` at it; returns its path
     (:func:`monet.train.checkpoint.commit_checkpoint`: the SFT trainer's rules for atomicity,
     retention, full disks and non-finite weights, which are refused with
-    :class:`~monet.train.checkpoint.NonFiniteWeightsError` naming the parameter)."""
+    :class:`~monet.train.checkpoint.NonFiniteWeightsError` naming the parameter). ``staged``: the
+    staging folder that already holds the DeepSpeed shards (:func:`save_engine_shards`)."""
     from safetensors.torch import save_file
 
     from monet.train.checkpoint import commit_checkpoint
@@ -140,7 +156,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
                                                      "state": state}, allow_nan=False))
 
     return commit_checkpoint(output_dir, step, model=model, processor=processor, write_state=write_state,
-                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last)
+                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -169,11 +185,68 @@ def load_state(checkpoint: str | os.PathLike) -> tuple[int, dict, dict[str, torc
         raise CheckpointError(f"{path} is not a VLPO trainer state")
     if int(doc.get("version", 0)) > STATE_VERSION:
         raise CheckpointError(f"{path} has state version {doc['version']}; this monet reads up to {STATE_VERSION}")
+    tpath = ckpt / STATE_TENSORS
+    if not tpath.is_file() and (ckpt / LEGACY_STATE_TENSORS).is_file():
+        tpath = ckpt / LEGACY_STATE_TENSORS
     try:
-        tensors = load_file(str(ckpt / STATE_TENSORS))
+        tensors = load_file(str(tpath))
     except Exception as e:
-        raise CheckpointError(f"{ckpt / STATE_TENSORS} is unreadable ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{tpath} is unreadable ({type(e).__name__}: {e})") from None
     return int(doc["step"]), doc["state"], tensors
+
+
+# -- the actor's optimiser state (plain or DeepSpeed) --------------------------------------------------
+ENGINE_DIR = "deepspeed"
+ENGINE_TAG = "state"
+
+
+def actor_optimizer_state(actor: Any, world_size: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """The JSON part of the actor's optimiser state for ``vlpo_state.json`` (module docstring): the
+    plain AdamW state (tensors into ``tensors``), or, with DeepSpeed, a record that the shards are in
+    ``deepspeed/`` and how many ranks wrote them."""
+    if actor.engine is None:
+        return {"optimizer": optimizer_state(actor.optimizer, tensors), "deepspeed": None}
+    return {"optimizer": None, "deepspeed": {"world_size": int(world_size), "zero_stage":
+                                             int(actor.engine.zero_optimization_stage())}}
+
+
+def save_engine_shards(engine: Any, output_dir: str | os.PathLike, step: int) -> Path:
+    """Every rank of a DeepSpeed actor (collective): write this rank's shard of the optimiser (and
+    ZeRO-3 master weights) into the staging folder of ``checkpoint-STEP``; returns the folder, which
+    rank 0 then completes and renames (:func:`save_checkpoint` with ``staged``). Ends with a barrier,
+    so every shard is on disk before rank 0 commits."""
+    from monet.train.checkpoint import staging_dir
+
+    staged = staging_dir(output_dir, step)
+    engine.save_checkpoint(str(staged / ENGINE_DIR), tag=ENGINE_TAG)
+    torch.distributed.barrier()
+    return staged
+
+
+def restore_actor_optimizer(actor: Any, checkpoint: str | os.PathLike, state: dict, tensors: dict[str, torch.Tensor],
+                            world_size: int) -> None:
+    """Restore the actor's optimiser state from ``checkpoint`` (every rank; collective with DeepSpeed).
+    A checkpoint written by the other kind of actor, or by a DeepSpeed group of another size, is
+    refused with a :class:`CheckpointError` that says so."""
+    ckpt = Path(checkpoint)
+    ds = state.get("deepspeed")
+    if actor.engine is None:
+        if state.get("optimizer") is None:
+            raise CheckpointError(f"{ckpt} was written by a DeepSpeed actor group (its optimiser state is in "
+                                  f"{ENGINE_DIR}/); resume with the same deepspeed setting, or start a new run from "
+                                  f"its weights with --set model={ckpt}")
+        load_optimizer_state(actor.optimizer, state["optimizer"], tensors)
+        return
+    if not ds:
+        raise CheckpointError(f"{ckpt} holds a plain AdamW state, which a DeepSpeed engine cannot load; resume "
+                              f"without deepspeed, or start a new run from its weights with --set model={ckpt}")
+    if int(ds["world_size"]) != world_size:
+        raise CheckpointError(f"{ckpt} holds DeepSpeed optimiser shards of {ds['world_size']} ranks, but this group "
+                              f"has {world_size} (train_workers); resume with train_workers={ds['world_size']}")
+    from monet.train.deepspeed_engine import check_deepspeed_checkpoint
+
+    check_deepspeed_checkpoint(ckpt / ENGINE_DIR / ENGINE_TAG)  # DeepSpeed unpickles its files in full
+    actor.engine.load_checkpoint(str(ckpt / ENGINE_DIR), tag=ENGINE_TAG)
 
 
 def export_policy(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

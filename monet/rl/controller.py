@@ -1,31 +1,38 @@
-"""VLPO with Ray: one controller (the driver) drives a rollout actor and a trainer actor.
+"""VLPO with Ray: one controller (the driver) drives a rollout actor and the training actor group.
 
 ::
 
-    driver                      RolloutActor (LatentLLM)          TrainerActor (VLPOTrainer)
-    ------                      ------------------------          --------------------------
-    prompts = trainer.next_round()  ---------------------------->  data cursor, sampling params
-    rnd = rollout.generate(prompts) -->  n samples per prompt,
-                                         recorded latents
-    ready = trainer.ingest(rnd)     ---------------------------->  rewards, difficulty sampling
+    driver                          RolloutActor (LatentLLM)     TrainerActor = rank 0 (VLPOTrainer)
+    ------                          ------------------------     + GroupWorker ranks 1..N-1
+    prompts = trainer.next_round()  ------------------------->   data cursor, sampling params
+    rnd = rollout.generate(prompts) --> n samples per prompt,
+                                        recorded latents
+    ready = trainer.ingest(rnd)     ------------------------->   rewards, difficulty sampling
     ... until a batch is ready (or max_rounds_per_step) ...
-    row = trainer.finish_step()     ---------------------------->  old/ref log-probs, update
-    w = trainer.weights()           (an ObjectRef: the tensors stay in Ray's object store)
-    rollout.load_weights(w)         -->  resolves w from the store,
-                                         monet_load_weights on every
-                                         vLLM worker, cache resets
-    (every probe_every syncs: both actors decode probe requests greedily; the driver compares)
-    trainer.log_step(row, sync metrics), trainer.save() every save_every steps
+    trains, batch = trainer.open_step()  (batch: an ObjectRef; the micro-batches stay in the store)
+    rank.update(batch) on every rank --------------------------> each rank: its share, old/ref
+                                                                 log-probs, loss, optimiser step
+    row = trainer.close_step()
+    w = rank.weights() on every rank     (rank 0's ObjectRef; ZeRO-3 gathers collectively)
+    rollout.load_weights(w)         --> resolves w from the store,
+                                        monet_load_weights on every
+                                        vLLM worker, cache resets
+    (every probe_every syncs: both sides decode probe requests greedily; the driver compares)
+    trainer.log_step(row, sync metrics); rank.save() on every rank every save_every steps
 
-The rollout actor starts its engine from the trainer's current policy directory (the starting
-model, or the checkpoint a resumed run continues from). ``ray.init()`` starts a local Ray instance
-unless ``address`` names a cluster (``ray start --head`` on the first node, ``ray start
---address=HEAD:6379`` on the others; then ``monet vlpo --ray-address HEAD:6379``).
+The training actor group (``train_workers`` ranks, :mod:`monet.rl.group`) is set up first: rank 0
+takes the run lock, names the model directory (the starting model, or the checkpoint a resumed run
+continues from) and the process group's address; every rank joins and loads its replica. The driver
+calls a group method on every rank at once and raises the first failure at once
+(:func:`monet.rl.group.wait_all`). The rollout actor starts its engine from the same model
+directory. ``ray.init()`` starts a local Ray instance unless ``address`` names a cluster (``ray
+start --head`` on the first node, ``ray start --address=HEAD:6379`` on the others; then ``monet vlpo
+--ray-address HEAD:6379``).
 
-Resources: the rollout actor asks for ``engine_kwargs.tensor_parallel_size`` GPUs and the trainer
-for one when ``device`` is a CUDA device (the trainer then uses ``cuda``: Ray sets its visible
-devices); on CPU both ask for ``cpus_per_actor`` (fractional by default, so two actors fit a
-2-core machine).
+Resources: the rollout actor asks for ``engine_kwargs.tensor_parallel_size`` GPUs and every rank of
+the training group for one when ``device`` is a CUDA device (the rank then uses ``cuda``: Ray sets
+its visible devices); on CPU every actor asks for ``cpus_per_actor`` (fractional by default, so a
+rollout actor and two training ranks fit a 2-core machine).
 """
 
 from __future__ import annotations
@@ -81,8 +88,11 @@ def _actors(ray: Any):
             return {"time/sync": rep.seconds, "sync/bytes": float(rep.bytes)}
 
         def probe(self, requests, kw: dict):
-            from monet.rl.weight_sync import probe_generations
+            from monet.rl.rollout import HFRolloutEngine
+            from monet.rl.weight_sync import hf_generate, probe_generations
 
+            if isinstance(self.engine, HFRolloutEngine):  # its own model copy, decoded by monet.generate
+                return probe_generations(hf_generate(self.engine.model, self.processor), requests, **kw)
             return probe_generations(self.engine.generate, requests, **kw)
 
         def shutdown(self) -> None:
@@ -91,15 +101,39 @@ def _actors(ray: Any):
 
     @ray.remote
     class TrainerActor:
-        """Holds a :class:`~monet.rl.trainer.VLPOTrainer` without an engine."""
+        """Rank 0 of the training actor group (:mod:`monet.rl.group`): a
+        :class:`~monet.rl.trainer.VLPOTrainer` without an engine (data, rewards, sampler, metrics,
+        checkpoints) and its share of every update."""
 
         def __init__(self, cfg_dict: dict, resume: bool):
+            from monet.rl import checkpoint as ckpt_io
+            from monet.rl.group import free_port, needs_process_group, node_address
+
+            self.cfg = VLPORunConfig.from_dict(cfg_dict)
+            self.resume = resume
+            self.lock = ckpt_io.RunLock(self.cfg.output_dir)  # before anything is read from output_dir
+            self.start = ckpt_io.latest_checkpoint(self.cfg.output_dir) if resume else None
+            self.address = (node_address(), free_port()) if needs_process_group(self.cfg) else None
+            self.t = None
+            self._row: dict | None = None
+            self._result = None
+            self._probe_weights = None
+            self._probe_model = None
+
+        def rendezvous(self):
+            """``(address, port)`` of the process group (None without one), the model directory every
+            rank loads and the checkpoint resumed (None: a fresh start)."""
+            start = str(self.start) if self.start is not None else None
+            return self.address, start or self.cfg.model, start
+
+        def setup(self) -> None:
+            from monet.rl.group import init_process_group
             from monet.rl.trainer import VLPOTrainer
 
-            self.t = VLPOTrainer(VLPORunConfig.from_dict(cfg_dict), resume=resume, with_engine=False)
-
-        def policy_dir(self) -> str:
-            return self.t.policy_dir
+            dist = None
+            if self.address is not None:
+                dist = init_process_group(0, self.cfg.train_workers, *self.address, self.cfg.device)
+            self.t = VLPOTrainer(self.cfg, resume=self.resume, with_engine=False, lock=self.lock, dist=dist)
 
         def state(self) -> tuple[int, int]:
             return self.t.step_count, self.t.cfg.steps
@@ -115,11 +149,24 @@ def _actors(ray: Any):
         def ingest(self, rnd) -> bool:
             return self.t.ingest(rnd)
 
-        def finish_step(self, rounds: int) -> dict:
-            return self.t.finish_step(rounds)
+        @ray.method(num_returns=2)
+        def open_step(self, rounds: int):
+            """Whether the step trains, and the collated training batch (None when it does not)."""
+            self._row, batch = self.t.open_step(rounds)
+            self._result = None
+            return batch is not None, batch
+
+        def update(self, batch) -> None:
+            self._result = self.t.update(batch)
+
+        def close_step(self) -> dict:
+            return self.t.close_step(self._row, self._result)
 
         def weights(self):
-            return self.t.weights()
+            w = self.t.weights()
+            if self.t.actor.zero3 and self.cfg.probe_every:
+                self._probe_weights = w  # the partitioned policy cannot decode alone: the probe uses a copy
+            return w
 
         def probe_due(self) -> bool:
             return bool(self.t.cfg.probe_every) and self.t.step_count % self.t.cfg.probe_every == 0
@@ -128,76 +175,138 @@ def _actors(ray: Any):
             return self.t.probe_requests(), self.t.probe_kwargs()
 
         def probe(self, requests, kw: dict):
+            import torch
+
             from monet.rl.weight_sync import hf_generate, probe_generations
 
-            return probe_generations(hf_generate(self.t.policy, self.t.processor), requests, **kw)
+            model = self.t.policy
+            if self.t.actor.zero3:  # a whole copy holding the weights just gathered and sent
+                import monet
+
+                if self._probe_model is None:
+                    self._probe_model = monet.load_model(self.cfg.model, dtype=self.cfg.dtype,
+                                                         device=self.cfg.device)[0].eval()
+                params = dict(self._probe_model.named_parameters())
+                with torch.no_grad():
+                    for name, t in self._probe_weights:
+                        params[name].copy_(t)
+                model = self._probe_model
+            return probe_generations(hf_generate(model, self.t.processor), requests, **kw)
 
         def log_step(self, row: dict, extra: dict) -> dict:
-            row = self.t.log_step(row, extra)
-            if self.t.save_due() or self.t.step_count >= self.t.cfg.steps:
-                self.t.save()
-            return row
+            return self.t.log_step(row, extra)
+
+        def save_due(self) -> bool:
+            return self.t.save_due() or self.t.step_count >= self.t.cfg.steps
+
+        def save(self, step: int) -> None:
+            if step != self.t.step_count:  # the driver and rank 0 must agree on the folder the ranks write
+                raise RuntimeError(f"save of step {step} asked of a trainer at step {self.t.step_count}")
+            self.t.save()
 
         def close(self) -> None:
-            self.t.close()
+            from monet.rl.group import leave_process_group
+
+            try:
+                if self.t is not None:
+                    self.t.close()
+                else:
+                    self.lock.release()
+            finally:
+                leave_process_group()
 
     return RolloutActor, TrainerActor
 
 
 def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | None = None,
                  cpus_per_actor: float = 0.5, printer: Callable[[str], None] = print) -> list[dict]:
-    """Run VLPO until ``cfg.steps`` with the two actors (module docstring); returns the step rows."""
+    """Run VLPO until ``cfg.steps`` with the rollout actor and the training actor group of
+    ``cfg.train_workers`` ranks (module docstring); returns the step rows."""
     try:
         import ray
     except ImportError:
         raise ImportError("the Ray controller needs ray (pip install 'ray[default]>=2.60,<2.61', or the "
                           "package's [rl] extra); without it use --controller local") from None
+    from monet.rl.group import GroupWorker, wait_all
+
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     RolloutActor, TrainerActor = _actors(ray)
+    Worker = ray.remote(GroupWorker)
     cuda = cfg.device.startswith("cuda")
     d = cfg.to_dict()
     if cuda:
         d["device"] = "cuda"  # Ray makes the actor's GPU visible as device 0
     tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
-    trainer = TrainerActor.options(num_cpus=cpus_per_actor, num_gpus=1 if cuda else 0).remote(d, resume)
-    policy_dir = ray.get(trainer.policy_dir.remote())
-    # the latent runner needs vLLM's V1 model runner on GPU (LatentLLM refuses V2 with a clear error)
-    env = {"env_vars": {"VLLM_USE_V2_MODEL_RUNNER": "0"}} if cuda and cfg.engine == "vllm" else None
-    rollout = RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0,
-                                   runtime_env=env).remote(d, policy_dir)
-    rows = []
+    gpus = 1 if cuda else 0
+    trainer = TrainerActor.options(num_cpus=cpus_per_actor, num_gpus=gpus).remote(d, resume)
+    ranks, rollout, ok = [trainer], None, False
     try:
-        step, total = ray.get(trainer.state.remote())
-        while step < total:
-            ready = ray.get(trainer.begin_step.remote())
-            rounds = 0
-            while not ready and rounds < cfg.max_rounds_per_step:
-                prompts, sampling, round_index = ray.get(trainer.next_round.remote())
-                rnd = rollout.generate.remote(prompts, sampling, round_index)
-                ready = ray.get(trainer.ingest.remote(rnd))  # the round goes actor to actor via the store
-                rounds += 1
-            row = ray.get(trainer.finish_step.remote(rounds))
-            extra = {}
-            if row["trained"]:
-                extra = ray.get(rollout.load_weights.remote(trainer.weights.remote()))
-                if ray.get(trainer.probe_due.remote()):
-                    from monet.rl.weight_sync import compare_generations
-
-                    reqs, kw = ray.get(trainer.probe_requests.remote())
-                    probe = compare_generations(ray.get(rollout.probe.remote(reqs, kw)),
-                                                ray.get(trainer.probe.remote(reqs, kw)))
-                    extra["sync/probe_tokens_match"] = float(probe.tokens_match)
-                    extra["sync/probe_latent_diff"] = probe.max_latent_diff
-            rows.append(ray.get(trainer.log_step.remote(row, extra)))
-            step = row["step"]
+        group_address, policy_dir, checkpoint = ray.get(trainer.rendezvous.remote())
+        workers = [Worker.options(num_cpus=cpus_per_actor, num_gpus=gpus).remote(d, r)
+                   for r in range(1, cfg.train_workers)]
+        ranks += workers
+        wait_all(ray, [trainer.setup.remote()] + [w.setup.remote(*group_address, policy_dir, checkpoint)
+                                                  for w in workers])
+        # the latent runner needs vLLM's V1 model runner on GPU (LatentLLM refuses V2 with a clear error)
+        env = {"env_vars": {"VLLM_USE_V2_MODEL_RUNNER": "0"}} if cuda and cfg.engine == "vllm" else None
+        rollout = RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0,
+                                       runtime_env=env).remote(d, policy_dir)
+        rows = _loop(ray, cfg, trainer, workers, rollout)
+        ok = True
+        return rows
     finally:
         try:
-            ray.get([rollout.shutdown.remote(), trainer.close.remote()])
+            # after a failure a rank may be stuck in a collective: it is killed without a close (its run
+            # lock dies with it); the rollout engine is always shut down (its vLLM processes)
+            closing = [r.close.remote() for r in ranks] if ok else []
+            if rollout is not None:
+                closing.append(rollout.shutdown.remote())
+            if closing:
+                ray.wait(closing, num_returns=len(closing), timeout=120)
         finally:
-            ray.kill(rollout)
-            ray.kill(trainer)
+            for a in ranks + ([rollout] if rollout else []):
+                ray.kill(a)
             if started:
                 ray.shutdown()
+
+
+def _loop(ray: Any, cfg: VLPORunConfig, trainer: Any, workers: list, rollout: Any) -> list[dict]:
+    """The driver's loop (module docstring)."""
+    from monet.rl.group import wait_all
+
+    ranks = [trainer, *workers]
+    rows = []
+    step, total = ray.get(trainer.state.remote())
+    while step < total:
+        ready = ray.get(trainer.begin_step.remote())
+        rounds = 0
+        while not ready and rounds < cfg.max_rounds_per_step:
+            prompts, sampling, round_index = ray.get(trainer.next_round.remote())
+            rnd = rollout.generate.remote(prompts, sampling, round_index)
+            ready = ray.get(trainer.ingest.remote(rnd))  # the round goes actor to actor via the store
+            rounds += 1
+        trains, batch = trainer.open_step.remote(rounds)
+        if ray.get(trains):  # every rank reads the one stored batch
+            wait_all(ray, [r.update.remote(batch) for r in ranks])
+        del batch
+        row = ray.get(trainer.close_step.remote())
+        extra = {}
+        if row["trained"]:
+            weights = [r.weights.remote() for r in ranks]  # rank 0's: the full weights, in the store
+            extra = wait_all(ray, [rollout.load_weights.remote(weights[0]), *weights])[0]
+            del weights
+            if ray.get(trainer.probe_due.remote()):
+                from monet.rl.weight_sync import compare_generations
+
+                reqs, kw = ray.get(trainer.probe_requests.remote())
+                probe = compare_generations(ray.get(rollout.probe.remote(reqs, kw)),
+                                            ray.get(trainer.probe.remote(reqs, kw)))
+                extra["sync/probe_tokens_match"] = float(probe.tokens_match)
+                extra["sync/probe_latent_diff"] = probe.max_latent_diff
+        rows.append(ray.get(trainer.log_step.remote(row, extra)))
+        step = row["step"]
+        if ray.get(trainer.save_due.remote()):
+            wait_all(ray, [r.save.remote(step) for r in ranks])
     return rows

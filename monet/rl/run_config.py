@@ -46,9 +46,13 @@ class VLPORunConfig:
       optimiser steps, ``ppo_epochs`` passes over it; ``micro_batch_size`` rollouts per forward;
       AdamW (``lr``, ``weight_decay``, ``betas``), ``max_grad_norm`` clipping; a step whose gradient
       is not finite is skipped (weights and optimiser untouched, counted).
+      ``train_workers``: processes of the training actor group (:mod:`monet.rl.group`): 1 trains in
+      the trainer process; N > 1 (Ray controller only) runs the update data parallel over N Ray
+      actors, one device each, that form one ``torch.distributed`` group (gloo on CPU, nccl on CUDA).
       ``deepspeed``: a DeepSpeed ZeRO JSON (``scripts/deepspeed/zero2.json`` / ``zero3.json``) for the
-      data-parallel actor update (``torchrun ... -m monet.rl.actor``, :mod:`monet.rl.actor`); the
-      single-process trainer and the Ray controller refuse it.
+      actor update (:mod:`monet.rl.actor`): in the Ray controller's actor group (any
+      ``train_workers``) or under ``torchrun ... -m monet.rl.actor``; the single-process trainer
+      (``--controller local``) refuses it.
     Bookkeeping
       ``output_dir``, ``save_every`` (steps; None: only at the end), ``keep_last``, ``log_every``.
     """
@@ -88,6 +92,7 @@ class VLPORunConfig:
     keep_last: int | None = 2
     log_every: int = 1
     deepspeed: str | None = None
+    train_workers: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.vlpo, Mapping):
@@ -101,7 +106,7 @@ class VLPORunConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("steps", "prompts_per_rollout", "max_rounds_per_step", "mini_batches", "ppo_epochs",
-                     "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "log_every"):
+                     "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "log_every", "train_workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -133,6 +138,18 @@ class VLPORunConfig:
         if self.vlpo.groups_per_batch < self.mini_batches:
             raise ValueError(f"vlpo.groups_per_batch ({self.vlpo.groups_per_batch}) must be >= mini_batches "
                              f"({self.mini_batches})")
+        if self.train_workers > 1:
+            from monet.rl.actor import split_mini_batches
+
+            n_micro = math.ceil(self.vlpo.groups_per_batch * self.vlpo.n / self.micro_batch_size)
+            sizes = [len(m) for m in split_mini_batches(n_micro, self.mini_batches)]
+            if any(k % self.train_workers for k in sizes):
+                raise ValueError(
+                    f"train_workers={self.train_workers}: a training batch of {self.vlpo.groups_per_batch} x "
+                    f"{self.vlpo.n} rollouts in micro-batches of {self.micro_batch_size} is {n_micro} micro-batches, "
+                    f"split into mini-batches of {sizes}; every mini-batch must hold a multiple of train_workers "
+                    "micro-batches (each worker takes an equal share); change micro_batch_size, mini_batches or "
+                    "vlpo.groups_per_batch")
 
     # -- YAML ------------------------------------------------------------------------------------
     @classmethod

