@@ -205,10 +205,12 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
                        teacher_store=str(lats))
     ck3 = sft("stage3", "stage 3 (no helper images; latent distillation)", c3)
     checkpoints.update({"stage1": ck1, "stage2": ck2, "stage3": ck3})
-    # Controls: same samples, same init (stage-1 weights), same epochs as stage 3, CE only.
+    # Controls: same samples, same init (stage-1 weights), same epochs and CE weighting as stage 3
+    # (observation tokens weighted like stage 3's, not stage 1's), CE only.
     for kind, title in (("direct", "control (a): direct answer"), ("text", "control (b): text-only reasoning")):
         train = write_control(data.train_json, data.root / f"train_{kind}.json", kind)
-        cfg = _stage_config(s, out, 1, ck1, train, data.root, f"control_{kind}", s.epochs[2], teacher="none")
+        cfg = _stage_config(s, out, 1, ck1, train, data.root, f"control_{kind}", s.epochs[2], teacher="none",
+                            ce_emphasize_factor=c3.ce_factor)
         checkpoints[kind] = sft(f"control_{kind}", title, cfg)
     vlpo_rows = None
     if s.vlpo_steps:

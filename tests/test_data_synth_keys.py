@@ -139,3 +139,31 @@ def test_captions_name_every_tile_from_the_pixels(tmp_path):
         said = re.findall(r"(\w+) tile with a (\w+) dot\.", cap.assistant.content[0].text)
         assert len(said) == TILES
         assert dict(said) == _read_scene(cap.question_images[0].file), cap.key
+
+
+@pytest.mark.parametrize("visits,observe", [(1, False), (2, True), (1, True)])
+def test_variants_visit_and_observe_what_they_say(tmp_path, visits, observe):
+    """visits=1: one helper image (the start tile); the answer is the dot of the tile its dot names,
+    read off the question image. observe_pointer: the first observation names the start tile's dot
+    as read from helper image 1, and nothing else."""
+    ds = synthesize_keys(tmp_path / "d", n=30, n_eval=0, seed=4, visits=visits, observe_pointer=observe)
+    for s in json.loads(ds.train_json.read_text()):
+        user, assistant = s["data"][1]["content"], s["data"][2]["content"]
+        start = re.search(r"Start at the (\w+) tile", user[1]["text"]).group(1)
+        dots = _read_scene(ds.root / user[0]["image"])
+        helpers = [c["image"] for c in assistant if c["type"] == "image"]
+        assert len(helpers) == visits
+        key, dot = _read_tile(Image.open(ds.root / helpers[0]).convert("RGB"), 0, 0)
+        assert key == start
+        answer = re.findall(r"\\boxed\{([^{}]*)\}", assistant[-1]["text"])[-1]
+        assert answer == dots[dot]  # helper 1's dot names the tile whose dot is the answer
+        said = " ".join(c["text"] for c in assistant if c["type"] == "text")
+        assert said.count("<abs_vis_token></abs_vis_token>") == visits
+        observed = re.findall(r"<observation>(.*?)</observation>", said)
+        named = {w for w in re.findall(r"[a-z]+", " ".join(observed)) if w in COLOURS}
+        assert named == ({start, dot} if observe else {start})
+
+
+def test_bad_visits_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="visits must be 1"):
+        synthesize_keys(tmp_path / "d", n=1, n_eval=0, visits=3)

@@ -145,30 +145,36 @@ def question_text(scene: Scene) -> str:
             f"to the tile its dot names. What colour is the dot on that tile? Put the final answer in \\boxed{{}}.")
 
 
-def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, str],
+def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, ...],
                 observe_pointer: bool = False) -> dict[str, Any]:
+    """The SFT sample; ``helper_paths`` holds one (the start tile) or two (and the tile it names)
+    helper images: with one, the second hop is read off the question image."""
     start = scene.keys[scene.start]
     first = f"I will look at the {start} tile.{PLACEHOLDER}"
-    if observe_pointer:
-        hop = scene.keys[scene.hop]
-        second = (f"<observation>The {start} tile's dot is {hop}.</observation> I will look at the {hop} "
-                  f"tile.{PLACEHOLDER}")
-        last = f"<observation>This is the {hop} tile.</observation> So the answer is \\boxed{{{scene.answer}}}."
+    hop = scene.keys[scene.hop]
+    seen = (f"<observation>The {start} tile's dot is {hop}.</observation>" if observe_pointer
+            else f"<observation>This is the {start} tile.</observation>")
+    answer = f"So the answer is \\boxed{{{scene.answer}}}."
+    if len(helper_paths) == 1:
+        texts = [first, f"{seen} The tile its dot names has the answer as its dot. {answer}"]
+    elif observe_pointer:
+        texts = [first, f"{seen} I will look at the {hop} tile.{PLACEHOLDER}",
+                 f"<observation>This is the {hop} tile.</observation> {answer}"]
     else:
-        second = (f"<observation>This is the {start} tile.</observation> Its dot names the next tile; I will look "
-                  f"at that tile.{PLACEHOLDER}")
-        last = f"<observation>This is the tile it names.</observation> So the answer is \\boxed{{{scene.answer}}}."
+        texts = [first, f"{seen} Its dot names the next tile; I will look at that tile.{PLACEHOLDER}",
+                 f"<observation>This is the tile it names.</observation> {answer}"]
+    content: list[dict[str, Any]] = []
+    for text, helper in zip(texts, (*helper_paths, None)):
+        content.append({"type": "text", "text": text})
+        if helper is not None:
+            content.append({"type": "image", "image": helper})
     return {
         "metadata": {"dataset_name": DATASET_NAME, "sample_id": sample_id},
         "data": [
             {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
             {"role": "user", "content": [{"type": "image", "image": scene_path},
                                          {"type": "text", "text": question_text(scene)}]},
-            {"role": "assistant", "content": [{"type": "text", "text": first},
-                                              {"type": "image", "image": helper_paths[0]},
-                                              {"type": "text", "text": second},
-                                              {"type": "image", "image": helper_paths[1]},
-                                              {"type": "text", "text": last}]},
+            {"role": "assistant", "content": content},
         ],
     }
 
@@ -178,17 +184,17 @@ def scene_caption(scene: Scene) -> str:
     return " ".join(f"{scene.keys[t]} tile with a {scene.dot_colour(t)} dot." for t in range(TILES))
 
 
-def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool) -> Path:
+def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool, visits: int) -> Path:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     samples = []
     for i, scene in enumerate(scenes):
         rel = f"images/{split}/{i:06d}.png"
-        helpers = (f"images/{split}/{i:06d}_hop1.png", f"images/{split}/{i:06d}_hop2.png")
+        helpers = (f"images/{split}/{i:06d}_hop1.png", f"images/{split}/{i:06d}_hop2.png")[:visits]
         img = draw_scene(scene)
         _atomic_write_bytes(out / rel, _png_bytes(img))
-        _atomic_write_bytes(out / helpers[0], _png_bytes(tile_crop(img, scene.start)))
-        _atomic_write_bytes(out / helpers[1], _png_bytes(tile_crop(img, scene.hop)))
+        for path, tile in zip(helpers, (scene.start, scene.hop)):
+            _atomic_write_bytes(out / path, _png_bytes(tile_crop(img, tile)))
         samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe_pointer))
     path = out / f"{split}.json"
     _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
@@ -203,16 +209,18 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
 
 
 def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0, n_val: int = 0,
-                    captions: bool = False, observe_pointer: bool = False) -> KeysDataset:
+                    captions: bool = False, observe_pointer: bool = False, visits: int = 2) -> KeysDataset:
     """Write ``train.json`` / ``val.json`` / ``eval.json`` and their PNGs into ``out_dir``
     (layout as :func:`monet.data.synth.synthesize_dataset`; ``captions``: also
     ``train_captions.json``, :func:`scene_caption` of every training scene). Same arguments ->
     identical bytes."""
+    if visits not in (1, 2):
+        raise ValueError(f"visits must be 1 (the start tile) or 2 (and the tile it names), got {visits!r}")
     out = Path(out_dir)
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {split: _write_split(out, split, s, observe_pointer) for split, s in scenes.items()}
+    paths = {split: _write_split(out, split, s, observe_pointer, visits) for split, s in scenes.items()}
     caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
                                 for i, sc in enumerate(scenes["train"])]) if captions else None
     return KeysDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed, caps)
