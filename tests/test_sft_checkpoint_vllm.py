@@ -186,3 +186,13 @@ def test_vlpo_with_vllm_rollouts_starts_from_an_sft_checkpoint(run, tmp_path):
     assert [r["step"] for r in rows] == [1] and rows[0]["trained"] == 1, rows
     out = latest_checkpoint(tmp_path / "vlpo")
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_monet_serve_refuses_the_earlier_layout_by_name(run, tmp_path, capsys):
+    """``monet serve`` checks the folder before vLLM's server starts: exit code 2 and the rename."""
+    from monet.cli import main
+
+    ckpt = _legacy_copy(run[1], tmp_path / "legacy", 2)
+    assert main(["serve", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt / LEGACY_STATE_TENSORS) in err and f"Rename it to {STATE_TENSORS}" in err, err
