@@ -97,7 +97,7 @@ def test_sigkill_during_checkpoint_write_then_resume(world, straight_run):
         real = ck.write_trainer_state
         def dying(folder, state):
             if state["step"] == 2:  # the model files of checkpoint-2 are already in the temporary folder
-                (Path(folder) / "trainer_state.safetensors").write_bytes(b"half")
+                (Path(folder) / "trainer_state.tensors").write_bytes(b"half")
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(folder, state)
         ck.write_trainer_state = dying
@@ -288,7 +288,8 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(world, straight_run, tmp_pa
     cases = {
         "pt": ("trainer_state.pt", "a pickle"),          # the old format, or a planted file
         "json": ("trainer_state.json", "not valid JSON"),
-        "safetensors": ("trainer_state.safetensors", "unreadable"),
+        "safetensors": ("trainer_state.tensors", "unreadable"),
+        "legacy": ("trainer_state.safetensors", "unreadable"),  # the tensor file's name before; still read
         "weights": ("pytorch_model.bin", "no safetensors weights"),
     }
     for case, (planted, message) in cases.items():
@@ -299,9 +300,9 @@ def test_malicious_pickle_in_a_checkpoint_is_refused(world, straight_run, tmp_pa
         if case == "weights":
             (ckpt / "model.safetensors").unlink()
         else:
-            for f in ("trainer_state.json", "trainer_state.safetensors"):
+            for f in ("trainer_state.json", "trainer_state.tensors"):
                 (ckpt / f).unlink()
-            if case == "safetensors":  # a valid JSON naming tensors, but the tensor file is a pickle
+            if case in ("safetensors", "legacy"):  # a valid JSON naming tensors, but the tensor file is a pickle
                 shutil.copy(straight_run / "checkpoint-3" / "trainer_state.json", ckpt / "trainer_state.json")
         (ckpt / planted).write_bytes(payload)
         cfg = write_config(world, name)

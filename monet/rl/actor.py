@@ -69,7 +69,7 @@ from monet.rl.objective import ActionTerms, merge_metrics, vlpo_loss
 from monet.rl.run_config import VLPORunConfig
 from monet.tokens import LatentTokenIds
 from monet.train.deepspeed_engine import EngineSettings, full_weights, gather_from_ranks, init_engine, is_zero3
-from monet.train.distributed import DistInfo, all_reduce_sum
+from monet.train.distributed import DistInfo, all_reduce, all_reduce_sum
 
 BATCH_JSON = "actor_batch.json"
 BATCH_TENSORS = "actor_batch.safetensors"
@@ -167,8 +167,7 @@ def _reduce_metrics(merged: dict[str, torch.Tensor], dist: DistInfo) -> dict[str
     out = {}
     for op, names in groups.items():
         if names:
-            t = torch.stack([merged[k].detach().double().cpu() for k in names])
-            torch.distributed.all_reduce(t, op=op)
+            t = all_reduce(torch.stack([merged[k].detach().double().cpu() for k in names]), dist, op)
             out.update({k: t[i] for i, k in enumerate(names)})
     return merge_metrics([out])  # recomputes latent/share from the summed parts
 

@@ -51,7 +51,7 @@ import torch
 from monet.rl import checkpoint as ckpt_io
 from monet.rl.actor import load_replica
 from monet.rl.run_config import VLPORunConfig
-from monet.train.distributed import DistInfo
+from monet.train.distributed import DistInfo, join_process_group
 
 
 def needs_process_group(cfg: VLPORunConfig) -> bool:
@@ -74,21 +74,18 @@ def free_port() -> int:
 
 
 def init_process_group(rank: int, world_size: int, address: str, port: int, device: str) -> DistInfo:
-    """Join the actor group's process group at ``tcp://address:port`` as ``rank`` of ``world_size``:
-    gloo on CPU; with a CUDA ``device`` nccl for CUDA tensors and gloo for the small CPU tensors the
-    actor reduces (action counts, metrics, replica checksums). Each rank is a Ray actor with its
-    devices made visible by Ray, so its local rank is 0.
+    """Join the actor group's process group at ``tcp://address:port`` as ``rank`` of ``world_size``
+    (:func:`monet.train.distributed.join_process_group`, as torchrun runs do): gloo on CPU; with a
+    CUDA ``device`` nccl for CUDA tensors and gloo for the small CPU tensors the actor reduces
+    (action counts, metrics, replica checksums). Each rank is a Ray actor with its devices made
+    visible by Ray, so its local rank is 0.
 
     DeepSpeed reads the launcher's variables (``LOCAL_RANK`` above all) from the environment; they
     are set here, in this worker process, to the values passed explicitly (nothing else reads them)."""
     os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"})
-    cuda = torch.device(device).type == "cuda"
-    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(0)
-    torch.distributed.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
-                                         world_size=world_size)
+    join_process_group(device, local_rank=0, init_method=f"tcp://{address}:{port}", rank=rank,
+                       world_size=world_size)
     return DistInfo(rank, world_size, 0)
 
 

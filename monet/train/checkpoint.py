@@ -2,8 +2,14 @@
 
 Layout: ``OUTPUT/checkpoint-STEP/`` holding the model (``save_pretrained``: safetensors weights and
 ``monet_config.json``), the processor, the trainer state (optimizer, scheduler, RNG states, data
-position, step) as ``trainer_state.json`` + ``trainer_state.safetensors``, and ``sft_config.yaml``;
-``OUTPUT/latest`` names the newest complete checkpoint.
+position, step) as ``trainer_state.json`` + ``trainer_state.tensors``, and ``sft_config.yaml``;
+``OUTPUT/latest`` names the newest complete checkpoint. The folder is a complete model directory
+that ``monet.load_model``, ``monet.vllm.LatentLLM`` and ``monet serve`` open as is: the tensor file
+is in the safetensors format but does not end in ``.safetensors``, because vLLM loads every
+``*.safetensors`` file of a model directory without a shard index as weights (and fails on the
+state's tensor names). Checkpoints of earlier monet versions hold ``trainer_state.safetensors``;
+they still resume (the new name is read first, the old one when it is absent), and renaming that
+file to ``trainer_state.tensors`` makes them servable too.
 
 Trainer-state format: the state is a tree of dicts, lists, tuples, numbers, strings, tensors and
 numpy arrays. Tensors go to the safetensors file under generated names; everything else is JSON,
@@ -37,7 +43,8 @@ from monet.atomic import atomic_write_text, disk_full_error, is_disk_full
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
+STATE_TENSORS = "trainer_state.tensors"  # safetensors format; not *.safetensors (module docstring)
+LEGACY_STATE_TENSORS = "trainer_state.safetensors"  # the name before; still read on resume
 LEGACY_STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "sft_config.yaml"
 STATE_FORMAT = "monet-trainer-state"
@@ -109,7 +116,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if "$tensor" in obj:
         name = obj["$tensor"]
         if name not in tensors:
-            raise CheckpointError(f"{where}: names tensor {name!r}, which {STATE_TENSORS} does not hold")
+            raise CheckpointError(f"{where}: names tensor {name!r}, which the tensor file does not hold")
         return tensors[name]
     if "$tuple" in obj:
         return tuple(_decode(x, tensors, where) for x in obj["$tuple"])
@@ -127,7 +134,8 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
 
 
 def write_trainer_state(folder: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.safetensors`` into ``folder``."""
+    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.tensors`` (safetensors format) into
+    ``folder``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -139,7 +147,9 @@ def write_trainer_state(folder: str | os.PathLike, state: dict) -> None:
 
 
 def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
-    """Read the trainer state of ``checkpoint`` (JSON + safetensors; no unpickling, ever)."""
+    """Read the trainer state of ``checkpoint`` (JSON + safetensors; no unpickling, ever). The tensors
+    come from ``trainer_state.tensors``, or from ``trainer_state.safetensors`` (earlier versions)
+    when the checkpoint has no ``trainer_state.tensors``."""
     ckpt = Path(checkpoint)
     path = ckpt / STATE_FILE
     if not path.is_file():
@@ -162,11 +172,13 @@ def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
     tpath = ckpt / STATE_TENSORS
+    if not tpath.is_file() and (ckpt / LEGACY_STATE_TENSORS).is_file():
+        tpath = ckpt / LEGACY_STATE_TENSORS
     try:
         tensors = load_file(str(tpath)) if tpath.is_file() else {}
     except Exception as e:
         raise CheckpointError(f"{tpath} is unreadable ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
-    return _decode(doc["state"], tensors, str(path))
+    return _decode(doc["state"], tensors, f"{path} (tensors: {tpath.name})")
 
 
 def load_checkpoint_config(checkpoint: str | os.PathLike) -> dict | None:

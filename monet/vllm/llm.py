@@ -49,9 +49,35 @@ def check_runner_v1() -> None:
         raise RuntimeError(V2_ERROR)
 
 
+def check_no_state_as_weights(model: str | Path) -> None:
+    """Refuse a model directory that vLLM would misread: without a shard index
+    (``model.safetensors.index.json``) vLLM loads every ``*.safetensors`` file of the directory as
+    weights, so the trainer-state tensors of a checkpoint written by an earlier monet version
+    (``trainer_state.safetensors`` of SFT, ``vlpo_state.safetensors`` of VLPO; now ``*.tensors``)
+    would fail the engine start deep inside vLLM's weight loader. The error names the file and the
+    rename that fixes it (resume reads either name)."""
+    from monet.rl.checkpoint import LEGACY_STATE_TENSORS as VLPO_LEGACY, STATE_TENSORS as VLPO_TENSORS
+    from monet.train.checkpoint import LEGACY_STATE_TENSORS as SFT_LEGACY, STATE_TENSORS as SFT_TENSORS
+
+    folder = Path(model)
+    if (folder / "model.safetensors.index.json").is_file():
+        return  # vLLM reads only the shards the index names
+    for legacy, current in ((SFT_LEGACY, SFT_TENSORS), (VLPO_LEGACY, VLPO_TENSORS)):
+        if (folder / legacy).is_file():
+            raise ValueError(
+                f"{folder / legacy}: trainer state of a checkpoint written by an earlier monet version; vLLM would "
+                f"load it as model weights (it loads every *.safetensors file of the directory). Rename it to "
+                f"{current} (the same format; resuming reads either name): mv {folder / legacy} {folder / current}")
+
+
 def load_settings(model: str, processor: Any, latent_size: int | None, layout: str | None,
                   max_latents_per_request: int) -> EngineSettings:
+    """The engine's latent settings for checkpoint directory ``model`` (token ids from the
+    processor, span layout from the arguments or ``monet_config.json``); refuses a directory vLLM
+    would misread (:func:`check_no_state_as_weights`)."""
     from monet.model.config import MonetConfig
+
+    check_no_state_as_weights(model)
 
     try:
         ids = LatentTokenIds.from_tokenizer(processor.tokenizer)
