@@ -146,7 +146,7 @@ def question_text(scene: Scene) -> str:
 
 
 def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, ...],
-                observe_pointer: bool = False) -> dict[str, Any]:
+                observe_pointer: bool = False, observe_last: bool = False) -> dict[str, Any]:
     """The SFT sample; ``helper_paths`` holds one (the start tile) or two (and the tile it names)
     helper images: with one, the second hop is read off the question image."""
     start = scene.keys[scene.start]
@@ -157,6 +157,9 @@ def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tup
     answer = f"So the answer is \\boxed{{{scene.answer}}}."
     if len(helper_paths) == 1:
         texts = [first, f"{seen} The tile its dot names has the answer as its dot. {answer}"]
+    elif observe_last:
+        texts = [first, f"{seen} Its dot names the next tile; I will look at that tile.{PLACEHOLDER}",
+                 f"<observation>Its dot is {scene.answer}.</observation> {answer}"]
     elif observe_pointer:
         texts = [first, f"{seen} I will look at the {hop} tile.{PLACEHOLDER}",
                  f"<observation>This is the {hop} tile.</observation> {answer}"]
@@ -184,7 +187,8 @@ def scene_caption(scene: Scene) -> str:
     return " ".join(f"{scene.keys[t]} tile with a {scene.dot_colour(t)} dot." for t in range(TILES))
 
 
-def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool, visits: int) -> Path:
+def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool, visits: int,
+                 observe_last: bool = False) -> Path:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -195,7 +199,7 @@ def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bo
         _atomic_write_bytes(out / rel, _png_bytes(img))
         for path, tile in zip(helpers, (scene.start, scene.hop)):
             _atomic_write_bytes(out / path, _png_bytes(tile_crop(img, tile)))
-        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe_pointer))
+        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe_pointer, observe_last))
     path = out / f"{split}.json"
     _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
     return path
@@ -209,7 +213,8 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
 
 
 def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0, n_val: int = 0,
-                    captions: bool = False, observe_pointer: bool = False, visits: int = 2) -> KeysDataset:
+                    captions: bool = False, observe_pointer: bool = False, visits: int = 2,
+                    observe_last: bool = False) -> KeysDataset:
     """Write ``train.json`` / ``val.json`` / ``eval.json`` and their PNGs into ``out_dir``
     (layout as :func:`monet.data.synth.synthesize_dataset`; ``captions``: also
     ``train_captions.json``, :func:`scene_caption` of every training scene). Same arguments ->
@@ -220,7 +225,7 @@ def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int =
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {split: _write_split(out, split, s, observe_pointer, visits) for split, s in scenes.items()}
+    paths = {split: _write_split(out, split, s, observe_pointer, visits, observe_last) for split, s in scenes.items()}
     caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
                                 for i, sc in enumerate(scenes["train"])]) if captions else None
     return KeysDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed, caps)
