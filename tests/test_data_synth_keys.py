@@ -141,12 +141,15 @@ def test_captions_name_every_tile_from_the_pixels(tmp_path):
         assert dict(said) == _read_scene(cap.question_images[0].file), cap.key
 
 
-@pytest.mark.parametrize("visits,observe", [(1, False), (2, True), (1, True)])
-def test_variants_visit_and_observe_what_they_say(tmp_path, visits, observe):
+@pytest.mark.parametrize("visits,observe,last", [(1, False, False), (2, True, False), (1, True, False),
+                                                 (2, False, True)])
+def test_variants_visit_and_observe_what_they_say(tmp_path, visits, observe, last):
     """visits=1: one helper image (the start tile); the answer is the dot of the tile its dot names,
-    read off the question image. observe_pointer: the first observation names the start tile's dot
-    as read from helper image 1, and nothing else."""
-    ds = synthesize_keys(tmp_path / "d", n=30, n_eval=0, seed=4, visits=visits, observe_pointer=observe)
+    read off the question image. observe="pointer": the first observation names the start tile's dot
+    as read from helper image 1, and nothing else. observe="last": the last observation names the
+    last helper image's dot (the answer) and no intermediate colour."""
+    mode = "pointer" if observe else "last" if last else "none"
+    ds = synthesize_keys(tmp_path / "d", n=30, n_eval=0, seed=4, visits=visits, observe=mode)
     for s in json.loads(ds.train_json.read_text()):
         user, assistant = s["data"][1]["content"], s["data"][2]["content"]
         start = re.search(r"Start at the (\w+) tile", user[1]["text"]).group(1)
@@ -161,9 +164,11 @@ def test_variants_visit_and_observe_what_they_say(tmp_path, visits, observe):
         assert said.count("<abs_vis_token></abs_vis_token>") == visits
         observed = re.findall(r"<observation>(.*?)</observation>", said)
         named = {w for w in re.findall(r"[a-z]+", " ".join(observed)) if w in COLOURS}
-        assert named == ({start, dot} if observe else {start})
+        assert named == ({start, dot} if observe else {start, answer} if last else {start})
 
 
 def test_bad_visits_are_refused(tmp_path):
     with pytest.raises(ValueError, match="visits must be 1"):
         synthesize_keys(tmp_path / "d", n=1, n_eval=0, visits=3)
+    with pytest.raises(ValueError, match="observe must be one of"):
+        synthesize_keys(tmp_path / "d", n=1, n_eval=0, observe="hop")

@@ -25,7 +25,12 @@ The helper images are the two tiles (56 px crops), so the answer is the dot of t
 image. The observations deliberately carry *no* content (no colour beyond what the question
 states): the text-only control keeps them, so if they named the intermediate tile the text would be
 an explicit chain of thought and the comparison would say nothing about what the latents carry.
-Latent steps (stages 2-3) can carry each hop's result; text cannot.
+Latent steps (stages 2-3) can carry each hop's result; text cannot. Variants, for the measurements
+of docs/demo.md: ``observe="pointer"`` (the first observation names the start tile's dot: an
+explicit first hop in text), ``observe="last"`` (the last observation names the last helper
+image's dot, i.e. the answer said early: no help to text-only reasoning, but a CE and alignment
+target that needs the second helper image in stage 2), ``visits=1`` (one helper image, the start
+tile; the second hop is read off the question image).
 
 Chance: given the start tile, the answer is the start colour itself (a 2-cycle) or one of the two
 tiles that are neither the start nor the one its dot names, each with probability exactly 1/3 —
@@ -57,6 +62,9 @@ SCENE_SIZE = 2 * TILE
 HELPER_SIZE = TILE
 #: probability of the right answer for any strategy that does not follow both dots (module docstring)
 CHANCE = 1 / 3
+#: what the observations state (module docstring): nothing beyond the question (default), the start
+#: tile's dot (an explicit first hop in text), or the last helper image's dot (the answer, said early)
+OBSERVE = ("none", "pointer", "last")
 #: tile index -> (column, row) in the 2x2 grid
 TILE_CELLS = ((0, 0), (1, 0), (0, 1), (1, 1))
 #: every derangement of the four tiles (dot of tile i names tile pointer[i] != i)
@@ -146,21 +154,21 @@ def question_text(scene: Scene) -> str:
 
 
 def sample_json(scene: Scene, sample_id: str, scene_path: str, helper_paths: tuple[str, ...],
-                observe_pointer: bool = False, observe_last: bool = False) -> dict[str, Any]:
+                observe: str = "none") -> dict[str, Any]:
     """The SFT sample; ``helper_paths`` holds one (the start tile) or two (and the tile it names)
     helper images: with one, the second hop is read off the question image."""
     start = scene.keys[scene.start]
     first = f"I will look at the {start} tile.{PLACEHOLDER}"
     hop = scene.keys[scene.hop]
-    seen = (f"<observation>The {start} tile's dot is {hop}.</observation>" if observe_pointer
+    seen = (f"<observation>The {start} tile's dot is {hop}.</observation>" if observe == "pointer"
             else f"<observation>This is the {start} tile.</observation>")
     answer = f"So the answer is \\boxed{{{scene.answer}}}."
     if len(helper_paths) == 1:
         texts = [first, f"{seen} The tile its dot names has the answer as its dot. {answer}"]
-    elif observe_last:
+    elif observe == "last":
         texts = [first, f"{seen} Its dot names the next tile; I will look at that tile.{PLACEHOLDER}",
                  f"<observation>Its dot is {scene.answer}.</observation> {answer}"]
-    elif observe_pointer:
+    elif observe == "pointer":
         texts = [first, f"{seen} I will look at the {hop} tile.{PLACEHOLDER}",
                  f"<observation>This is the {hop} tile.</observation> {answer}"]
     else:
@@ -187,8 +195,7 @@ def scene_caption(scene: Scene) -> str:
     return " ".join(f"{scene.keys[t]} tile with a {scene.dot_colour(t)} dot." for t in range(TILES))
 
 
-def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bool, visits: int,
-                 observe_last: bool = False) -> Path:
+def _write_split(out: Path, split: str, scenes: list[Scene], observe: str, visits: int) -> Path:
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -199,7 +206,7 @@ def _write_split(out: Path, split: str, scenes: list[Scene], observe_pointer: bo
         _atomic_write_bytes(out / rel, _png_bytes(img))
         for path, tile in zip(helpers, (scene.start, scene.hop)):
             _atomic_write_bytes(out / path, _png_bytes(tile_crop(img, tile)))
-        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe_pointer, observe_last))
+        samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe))
     path = out / f"{split}.json"
     _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
     return path
@@ -213,19 +220,20 @@ def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[S
 
 
 def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0, n_val: int = 0,
-                    captions: bool = False, observe_pointer: bool = False, visits: int = 2,
-                    observe_last: bool = False) -> KeysDataset:
+                    captions: bool = False, observe: str = "none", visits: int = 2) -> KeysDataset:
     """Write ``train.json`` / ``val.json`` / ``eval.json`` and their PNGs into ``out_dir``
     (layout as :func:`monet.data.synth.synthesize_dataset`; ``captions``: also
     ``train_captions.json``, :func:`scene_caption` of every training scene). Same arguments ->
     identical bytes."""
+    if observe not in OBSERVE:
+        raise ValueError(f"observe must be one of {OBSERVE}, got {observe!r}")
     if visits not in (1, 2):
         raise ValueError(f"visits must be 1 (the start tile) or 2 (and the tile it names), got {visits!r}")
     out = Path(out_dir)
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {split: _write_split(out, split, s, observe_pointer, visits, observe_last) for split, s in scenes.items()}
+    paths = {split: _write_split(out, split, s, observe, visits) for split, s in scenes.items()}
     caps = write_captions(out, [caption_json(f"train-{i:06d}", f"images/train/{i:06d}.png", scene_caption(sc))
                                 for i, sc in enumerate(scenes["train"])]) if captions else None
     return KeysDataset(out, paths["train"], paths["val"], paths["eval"], n, n_val, n_eval, seed, caps)
