@@ -193,6 +193,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--task", choices=["zoom", "multihop", "keys"], default="zoom",
                    help="synthetic task: one zoom-in (default), the two-hop arrow lookup, or pointer chasing "
                         "between colour-keyed tiles (docs/demo.md)")
+    p.add_argument("--keys-observe", choices=["none", "pointer", "last"], default=None,
+                   help="keys task: what the observations state (none: nothing beyond the question; pointer: the "
+                        "first hop; last: the last helper image's dot) — docs/demo.md")
     p.add_argument("--labels", choices=["decodable", "research"], default="decodable",
                    help="CE targets: every token the decoder must emit (default) or the research code's")
     p.set_defaults(func=_cmd_quickstart)
@@ -202,7 +205,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from monet.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.default(fast=args.fast, preset=args.preset, seed=args.seed)
-    for name in ("n_train", "n_eval", "n_val", "lr", "vlpo_steps", "caption_epochs"):  # given -> overrides
+    for name in ("n_train", "n_eval", "n_val", "lr", "vlpo_steps", "caption_epochs", "keys_observe"):  # given -> overrides
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.eval_split = args.split

@@ -100,6 +100,8 @@ class QuickstartSettings:
     # "zoom" (monet.data.synth: one small shape in a named corner) or "multihop"
     # (monet.data.synth_multihop: find a small arrow, follow it two cells, read the shape there)
     task: str = "zoom"
+    # keys task only: what the observations state (monet.data.synth_keys.OBSERVE)
+    keys_observe: str = "none"
     # A short VLPO phase after stage 3 (monet.rl, HF rollouts on CPU) on the training split's
     # questions; 0 skips it. Its row (f) is evaluated like the others.
     vlpo_steps: int = 8
@@ -119,6 +121,10 @@ class QuickstartSettings:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.max_new_tokens is None:
             self.max_new_tokens = ANSWER_TOKENS[self.task]
+        from monet.data.synth_keys import OBSERVE
+
+        if self.keys_observe not in OBSERVE:
+            raise ValueError(f"keys_observe must be one of {OBSERVE}, got {self.keys_observe!r}")
         if self.caption_epochs < 0:
             raise ValueError(f"caption_epochs must be >= 0, got {self.caption_epochs!r}")
         if self.vlpo_steps < 0 or self.vlpo_n < 2 or self.vlpo_prompts < 1 or not self.vlpo_lr > 0:
@@ -172,7 +178,11 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
     if s.task == "multihop":
         from monet.data.synth_multihop import synthesize_multihop as synthesize
     elif s.task == "keys":
-        from monet.data.synth_keys import synthesize_keys as synthesize
+        from functools import partial
+
+        from monet.data.synth_keys import synthesize_keys
+
+        synthesize = partial(synthesize_keys, observe=s.keys_observe)
     else:
         synthesize = synthesize_dataset
     data = timed(f"synthetic data ({s.task})",
