@@ -24,8 +24,7 @@ from monet.testing import build_tiny_checkpoint
 K = 2
 # what save_pretrained writes for the tiny model + processor, and monet_config.json: nothing else
 MODEL_FILE_SET = {"chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                  "monet_config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "video_preprocessor_config.json"}
+                  "monet_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +56,14 @@ def vlpo_run(tmp_path_factory, tiny):
     from monet.rl.trainer import run_vlpo
 
     root = tmp_path_factory.mktemp("export_vlpo")
-    rl = synthesize_rl_split(root / "rl.parquet", 2, seed=1)
+    rl = synthesize_rl_split(root / "rl.parquet", 6, seed=1)
+    # tests/test_vlpo_trainer.py's settings (rewards differ within a group, so the step trains), one step
     cfg = VLPORunConfig(model=str(tiny), data=[str(rl)], output_dir=str(root / "run"), engine="hf",
-                        vlpo=dict(n=2, temperature=1.0, latent_noise=1.0, groups_per_batch=1, buffer_groups=2,
-                                  length_penalty=dict(max_tokens=6, buffer=5)),
-                        steps=1, prompts_per_rollout=1, difficulty_filter=False, max_response_tokens=6,
-                        latent_size=K, force_latent=True, logit_bias={"<|im_end|>": 4.0}, micro_batch_size=2,
-                        lr=1e-2, dtype="float32", seed=5)
+                        vlpo=dict(n=3, temperature=1.0, latent_noise=1.0, groups_per_batch=2, buffer_groups=6,
+                                  sigma=10.0, length_penalty=dict(max_tokens=10, buffer=8)),
+                        steps=1, prompts_per_rollout=3, difficulty_filter=False, max_response_tokens=10,
+                        latent_size=K, force_latent=True, logit_bias={"<|im_end|>": 4.0}, micro_batch_size=4,
+                        lr=1e-3, dtype="float32", seed=5)
     run_vlpo(cfg, printer=None)
     return root / "run"
 
