@@ -273,3 +273,28 @@ def test_actor_refuses_out_equal_to_batch(tmp_path, capsys):
     with pytest.raises(Exception) as e:
         actor_main(["--config", str(tmp_path / "none.yaml"), "--batch", str(batch), "--out", str(tmp_path / "p")])
     assert "--batch folder" not in str(e.value)
+
+
+def test_vllm_engine_opens_the_export_with_its_layout(vlpo_run, tmp_path):
+    """LatentLLM starts on an exported VLPO policy and, with no latent settings given, decodes with
+    the export's monet_config.json (the run's K, not the starting model's) exactly like the HF model
+    loaded from the same folder (greedy; latents to float tolerance)."""
+    pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
+    from monet.vllm import LatentLLM
+
+    out = export_checkpoint(vlpo_run / "checkpoint-1", tmp_path / "policy").out
+    model, processor = monet.load_model(out, dtype="float32")
+    reqs = [LatentRequest(prompt=f"question {i}: what is in the picture?", force_latent=i % 2 == 0) for i in range(3)]
+    kw = dict(max_new_tokens=12, temperature=0.0, return_latents=True)
+    ref = monet.generate(model, processor, reqs, **kw)
+    engine = dict(dtype="float32", max_model_len=256, enforce_eager=True, limit_mm_per_prompt={"image": 1},
+                  block_size=32, num_gpu_blocks_override=16, kv_cache_memory_bytes=64 << 20, max_num_seqs=4,
+                  max_num_batched_tokens=256, seed=0)
+    with LatentLLM(out, **engine) as llm:
+        ours = llm.generate(reqs, **kw)
+    assert ref[0].num_latent_spans >= 1 and len(ref[0].latent_positions) == K * ref[0].num_latent_spans
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert a.token_ids == b.token_ids, f"request {i}"
+        assert a.latent_positions == b.latent_positions, f"request {i}"
+        if b.latents is not None:
+            torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-4)
