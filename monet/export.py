@@ -176,6 +176,8 @@ def _weight_files(folder: Path) -> list[str]:
         for s in shards:
             if not isinstance(s, str) or Path(s).name != s:
                 raise ExportError(f"{index}: shard name {s!r} is not a file name in the checkpoint folder")
+            if not (folder / s).is_file():
+                raise ExportError(f"{index} lists the shard {s}, which is missing from {folder}")
         return [WEIGHTS_INDEX, *shards]
     if (folder / WEIGHTS).is_file():
         return [WEIGHTS]

@@ -216,6 +216,50 @@ def test_deepspeed_shards_left_out_and_zero3_placeholders_refused(sft_run, tmp_p
         export_checkpoint(only, tmp_path / "only_out")
 
 
+def test_a_real_deepspeed_zero3_checkpoint_exports_full_weights(sft_run, tiny, tmp_path):
+    """One ZeRO-3 step on two ranks (every tensor partitioned): the checkpoint's weights are whole
+    (saved gathered), so the export holds full-shape weights equal to the checkpoint's, and none of
+    the engine's shards."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by scripts/setup_env.sh (train extra)")
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from monet.train.config import SFTConfig
+
+    data = sft_run[1]
+    repo = Path(__file__).resolve().parents[1]
+    zero3 = json.loads((repo / "scripts" / "deepspeed" / "zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    cfg = SFTConfig(stage=3, model=str(tiny), data=[str(data.train_json)], image_root=str(data.root),
+                    output_dir=str(tmp_path / "run"), latent_size=K, lr=3e-2, warmup_steps=0, micro_batch_size=1,
+                    grad_accum=1, dtype="float32", gradient_checkpointing=False, log_every=100, teacher="none",
+                    cache_dir=str(tmp_path / "cache"), max_steps=1, deepspeed=str(tmp_path / "zero3.json"),
+                    latent_backward="joint")
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
+           "-m", "monet.cli", "sft", "--config", str(tmp_path / "c.yaml"), "--device", "cpu"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    assert (ckpt / "deepspeed" / "state").is_dir()
+    r = export_checkpoint(tmp_path / "run", tmp_path / "out")
+    assert r.source.folder == ckpt and {p.name for p in r.out.iterdir()} == MODEL_FILE_SET
+
+    def shapes(folder):
+        with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert shapes(r.out) == shapes(tiny)
+    a, b, start = _state(ckpt), _state(r.out), _state(tiny)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(start[k], b[k]) for k in b)  # the step trained
+
+
 def test_sharded_weights_are_exported_with_their_index(sft_run, tmp_path):
     src = sft_run[0] / "checkpoint-2"
     sharded = tmp_path / "checkpoint-2"
@@ -233,6 +277,9 @@ def test_sharded_weights_are_exported_with_their_index(sft_run, tmp_path):
     a, b = _state(src), _state(r.out)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    (sharded / shards[-1]).unlink()
+    with pytest.raises(ExportError, match=f"lists the shard {shards[-1]}, which is missing"):
+        export_checkpoint(sharded, tmp_path / "out2")
 
 
 def test_a_folder_that_is_no_checkpoint_is_refused(tiny, sft_run, tmp_path, capsys):
