@@ -282,7 +282,7 @@ def _add_vlpo(sub) -> None:
 
 
 def _cmd_vlpo(args: argparse.Namespace) -> int:
-    if args.export:
+    if args.export:  # the VLPO-only spelling of `monet export`
         from monet.rl.checkpoint import export_policy
 
         print(f"exported the policy to {export_policy(*args.export)}")
@@ -308,6 +308,34 @@ def _cmd_vlpo(args: argparse.Namespace) -> int:
     except RunBusy as e:
         print(f"monet vlpo: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a training checkpoint's model (SFT or VLPO) as a plain model directory",
+                       description="Copy the model of an SFT or VLPO checkpoint (weights, config, generation config, "
+                                   "processor/tokenizer files) to OUT with a monet_config.json holding the span "
+                                   "layout it was trained in; no trainer state. OUT is written atomically and must "
+                                   "not exist or be empty; non-finite weights are refused.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint-STEP folder of `monet sft` / `monet vlpo`, or a run folder (its latest checkpoint)")
+    p.add_argument("out", metavar="OUT", help="new model directory for monet.load_model, LatentLLM and monet serve")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from monet.export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.out)
+    span = r.monet_config.span_layout
+    print(f"exported the {r.source.kind.upper()} checkpoint {r.source.folder} to {r.out} "
+          f"(latent_size {span.latent_size}, layout {span.kind})")
+    before = r.checkpoint_monet_config.span_layout if r.checkpoint_monet_config is not None else None
+    if before is not None and before != span:
+        print(f"note: the checkpoint's monet_config.json said latent_size {before.latent_size}, layout "
+              f"{before.kind}; the export holds the layout the run trained with")
+    if r.left_out:
+        print(f"left out: {', '.join(r.left_out)}")
     return 0
 
 
@@ -358,6 +386,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_eval(sub)
     _add_vlpo(sub)
+    _add_export(sub)
     _add_serve(sub, full=bool(argv) and argv[0] == "serve")
     return parser
 

@@ -47,6 +47,8 @@ saved batch (data parallel under torchrun)::
 loads the policy (``model`` of the config), runs ``--updates`` updates on the batch written by
 :func:`save_actor_batch` and writes the updated policy with its processor (a model directory for
 ``monet.load_model``; full weights also under ZeRO-3) and ``metrics.json`` to ``OUT_DIR`` (rank 0).
+``OUT_DIR`` must not be ``BATCH_DIR``: a model directory holding ``actor_batch.safetensors`` would
+not load in vLLM, which takes every ``*.safetensors`` file of a model directory as weights.
 """
 
 from __future__ import annotations
@@ -505,6 +507,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.updates < 1:
         ap.error(f"--updates must be >= 1, got {args.updates}")
+    if Path(args.out).resolve() == Path(args.batch).resolve():
+        # the policy folder would also hold actor_batch.safetensors, which vLLM loads as weights
+        ap.error(f"--out {args.out} is the --batch folder; write the policy to another folder (a model directory "
+                 f"must not hold {BATCH_TENSORS})")
     import yaml
 
     overrides = {}

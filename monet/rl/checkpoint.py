@@ -1,4 +1,5 @@
-"""VLPO checkpoints: atomic, resumable exactly, never unpickled; a run lock; policy export.
+"""VLPO checkpoints: atomic, resumable exactly, never unpickled; a run lock; policy export
+(:func:`export_policy`, a VLPO-only front of :mod:`monet.export`).
 
 Layout of ``OUTPUT/checkpoint-STEP/``: the policy (``save_pretrained``: safetensors weights,
 ``monet_config.json``) and processor — a complete model directory that ``monet.load_model`` and
@@ -36,8 +37,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,6 @@ LEGACY_STATE_TENSORS = "vlpo_state.safetensors"
 CONFIG_FILE = "vlpo_config.yaml"
 STATE_FORMAT = "monet-vlpo-state"
 STATE_VERSION = 1
-_TRAINER_FILES = (STATE_JSON, STATE_TENSORS, LEGACY_STATE_TENSORS, CONFIG_FILE)
 
 
 class CheckpointError(ValueError):
@@ -250,24 +248,14 @@ def restore_actor_optimizer(actor: Any, checkpoint: str | os.PathLike, state: di
 
 
 def export_policy(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy the policy of a VLPO checkpoint (weights, configs, processor files; no trainer state)
-    to ``out_dir`` atomically: a plain Hugging Face / Monet model directory for
-    ``monet.load_model`` and ``LatentLLM``. ``out_dir`` must not exist or be empty."""
-    src, out = Path(checkpoint), Path(out_dir)
+    """Export the policy of the VLPO checkpoint folder ``checkpoint`` to ``out_dir`` (``monet
+    vlpo --export``): :func:`monet.export.export_checkpoint`, restricted to VLPO checkpoints (weights,
+    configs, processor files and ``monet_config.json`` with the run's span layout; no trainer state;
+    atomic; non-finite weights and a non-empty ``out_dir`` refused). Returns ``out_dir``."""
+    from monet.export import export_checkpoint
+
+    src = Path(checkpoint)
     if not (src / STATE_JSON).is_file():
-        raise CheckpointError(f"{src} is not a VLPO checkpoint (no {STATE_JSON})")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; refusing to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for f in src.iterdir():
-            if f.is_file() and f.name not in _TRAINER_FILES:
-                shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        raise CheckpointError(f"{src} is not a VLPO checkpoint (no {STATE_JSON}); `monet export` also takes SFT "
+                              "checkpoints and run folders")
+    return export_checkpoint(src, out_dir).out
