@@ -190,9 +190,9 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--epochs", default=None,
                    help="S1,S2,S3 epochs of the stages (the controls train with S3); default 5,3,3")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length bound of the evaluation and the VLPO rollouts (default: 128 zoom, 192 multihop, 112 keys)")
-    p.add_argument("--task", choices=["zoom", "multihop", "keys"], default="zoom",
-                   help="synthetic task: one zoom-in (default), the two-hop arrow lookup, or pointer chasing "
-                        "between colour-keyed tiles (docs/demo.md)")
+    p.add_argument("--task", choices=["keys", "zoom", "multihop"], default="keys",
+                   help="synthetic task: pointer chasing between colour-keyed tiles (default), one zoom-in, or the "
+                        "two-hop arrow lookup (docs/demo.md)")
     p.add_argument("--keys-observe", choices=["none", "pointer", "last"], default=None,
                    help="keys task: what the observations state (none: nothing beyond the question; pointer: the "
                         "first hop; last: the last helper image's dot) — docs/demo.md")

@@ -50,7 +50,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "direct": ("(a) direct answer", "control trained on question -> \\boxed{} only"),
     "text": ("(b) text-only reasoning", "control trained on the reasoning text without helper images/latents"),
     "stage3": ("(c) Monet stage 3", "latent reasoning, no helper image"),
-    "oracle": ("(d) oracle: stage 1 + true zoom", "stage-1 model, reference helper image inserted when it zooms"),
+    "oracle": ("(d) oracle: stage 1 + true helpers", "stage-1 model, reference helper image inserted when it asks for one"),
     "stage3-zeros": ("(e) stage 3, latents zeroed", "stage-3 model, every latent replaced by zeros"),
     "stage3-other": ("(e) stage 3, other's latents", "stage-3 model, latents of another held-out sample"),
     "vlpo": ("(f) stage 3 + VLPO", "stage-3 model after the short VLPO phase on the training questions"),
@@ -97,9 +97,10 @@ class QuickstartSettings:
     freeze_vision: bool = False
     # CE targets (monet.data.stage_layout label rules); "research" reproduces the original code
     labels: str = "decodable"
-    # "zoom" (monet.data.synth: one small shape in a named corner) or "multihop"
-    # (monet.data.synth_multihop: find a small arrow, follow it two cells, read the shape there)
-    task: str = "zoom"
+    # "keys" (monet.data.synth_keys: follow two dots between colour-keyed tiles; every lookup is by
+    # content, which the tiny model learns), "zoom" (monet.data.synth: one small shape in a named
+    # corner) or "multihop" (monet.data.synth_multihop: find a small arrow, follow it two cells)
+    task: str = "keys"
     # keys task only: what the observations state (monet.data.synth_keys.OBSERVE)
     keys_observe: str = "none"
     # A short VLPO phase after stage 3 (monet.rl, HF rollouts on CPU) on the training split's

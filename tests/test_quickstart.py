@@ -13,7 +13,7 @@ import yaml
 
 from monet.data import PLACEHOLDER, load_sft_dataset, synthesize_dataset
 from monet.data.controls import control_sample, write_control
-from monet.data.synth import COLOURS, SHAPES
+from monet.data.synth import COLOURS
 
 
 def _boxed(text):
@@ -154,7 +154,12 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == list(ROWS)
     shas = {name: checkpoint_hash(report["checkpoints"][name])["sha256"] for name in set(own.values())}
-    assert len(set(shas.values())) == 5  # VLPO changed the stage-3 weights
+    # VLPO changes the stage-3 weights iff some step had a learning signal (a group whose rewards
+    # differ; after 3 SFT steps every answer usually scores 0, so all advantages are 0)
+    vlpo_steps = [json.loads(line) for line in (out / "vlpo" / "metrics.jsonl").read_text().splitlines()]
+    signal = any(r["batch/adv_abs_mean"] > 0 for r in vlpo_steps)
+    assert signal == (shas["vlpo"] != shas["stage3"])
+    assert len({v for k, v in shas.items() if k != "vlpo"}) == 4
     # stage 0 (captions) is the start of stage 1: its weights are neither the base's nor stage 1's
     s0 = checkpoint_hash(report["checkpoints"]["stage0"])["sha256"]
     assert s0 not in shas.values() and s0 != checkpoint_hash(out / "base")["sha256"]
@@ -169,7 +174,10 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
     assert (out / "vlpo_policy" / "monet_config.json").is_file()
     answers = [re.findall(r"\\boxed\{([^{}]*)\}", s["data"][-1]["content"][-1]["text"])[-1]
                for s in json.loads((out / "data" / "eval.json").read_text())]
-    chance = sum(1 / 6 if a in COLOURS else 1 / 3 for a in answers if a in COLOURS or a in SHAPES) / len(answers)
+    # keys (the default task): 1/3 for every question (enumerated in tests/test_data_synth_keys.py);
+    # zoom / multihop: guessing within the asked attribute
+    assert report["data"]["task"] == "keys" and all(a in COLOURS for a in answers)
+    chance = 1 / 3
     for name, r in rows.items():
         assert r["checkpoint"] == report["checkpoints"][own[name]]
         assert r["checkpoint_sha256"] == shas[own[name]]
