@@ -1,6 +1,6 @@
 """``monet quickstart`` (``make demo``): the whole pipeline and its controls on CPU in minutes.
 
-synthetic zoom-in data -> tiny random Qwen2.5-VL -> [stage 0: vision warm-up on captions, off by
+synthetic data (the keys task by default: follow two dots between colour-keyed tiles) -> tiny random Qwen2.5-VL -> [stage 0: vision warm-up on captions, off by
 default] -> stage 1 -> teacher reps -> stage 2 -> teacher latents -> stage 3 (from the stage-1
 weights) -> a short VLPO phase (:mod:`monet.rl`, HF rollouts) on the training split's questions, and
 in the same run two controls trained on the same samples with the same step budget as stage 3,
@@ -13,7 +13,7 @@ row             what is evaluated on the held-out split (greedy, prompts sized l
 ``direct``      (a) control: question -> ``\\boxed{}`` only
 ``text``        (b) control: text-only reasoning (helper images and latent spans removed)
 ``stage3``      (c) Monet stage 3 (latent reasoning, no helper image)
-``oracle``      (d) upper bound: the stage-1 model, the true helper image inserted when it zooms
+``oracle``      (d) upper bound: the stage-1 model, the true helper image inserted when it asks for one
 ``stage3-zeros``  (e) stage 3 with every latent replaced by zeros
 ``stage3-other``  (e) stage 3 with every latent replaced by another sample's stage-3 latents
 ``vlpo``        (f) stage 3 after the VLPO phase (before/after in ``report["vlpo"]``)
@@ -24,8 +24,9 @@ a default run evaluates the held-out split once.
 
 Every row is scored with :class:`monet.scoring.Scorer` (through
 :func:`monet.eval.evaluate.evaluate_sft_file`) and summarised with :mod:`monet.eval.diagnostics`:
-accuracy with its 95% Wilson interval, the chance level of guessing within the asked attribute
-(1/6 for colour questions, 1/3 for shape questions, averaged over the split), the latent-span
+accuracy with its 95% Wilson interval, the chance level (keys: 1/3, see
+:data:`monet.data.synth_keys.CHANCE`; zoom / multihop: guessing within the asked attribute, 1/6 for
+colour questions, 1/3 for shape questions; averaged over the split), the latent-span
 rate, latent collapse (mean pairwise cosine across answers, effective rank) and, for the ablation
 rows, the share of final answers the ablation changed. Each row records the sha256 of the weights
 it was computed from. The goals of the demo (stage 3 >= 10 points over the better control with
