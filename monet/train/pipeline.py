@@ -76,7 +76,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     from monet.train.run_dir import RunDirectory
 
     dev = _device(device)
-    dist_info = init_distributed(dev)
+    dist_info = init_distributed(dev, group_of_one=bool(cfg.deepspeed))
     # rank 0 takes the directory before anything is written into it (the cache included)
     run_dir = RunDirectory(cfg.output_dir, resume=resume, overwrite=overwrite) if dist_info.is_main else None
     try:

@@ -237,7 +237,7 @@ class SFTTrainer:
         if len(examples) == 0:
             raise ValueError("no training examples (all samples rejected, or an empty dataset)")
         self.device = torch.device(device)
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, group_of_one=bool(cfg.deepspeed))
         self.progress, self.printer = progress and self.dist.is_main, printer
         self._own_run_dir = None
         if run_dir is None and self.dist.is_main:
