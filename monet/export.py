@@ -10,9 +10,13 @@ writes only the model to a new folder, for ``monet.load_model``, ``monet.vllm.La
   (:data:`MODEL_FILES`);
 * ``monet_config.json`` (:class:`monet.model.config.MonetConfig`), with the span layout the weights
   were trained in: SFT trains the standard layout with the run's ``latent_size``
-  (``sft_config.yaml``; :func:`monet.data.stage_layout.build_stage_example`); VLPO rolls out with the
+  (``sft_config.yaml``; :func:`monet.data.stage_layout.sft_span_layout`); VLPO rolls out with the
   run's ``latent_size`` / ``layout`` (``vlpo_config.yaml``), each defaulting to the starting model's
   (:func:`monet.rl.actor.load_replica`). The latent token ids and ``extra`` are the checkpoint's.
+  The trainers write that layout into each checkpoint's own ``monet_config.json``
+  (:func:`monet.train.checkpoint.commit_checkpoint`), so for their checkpoints this is the file as
+  saved; checkpoints of earlier monet versions kept the starting model's layout there, and the
+  export corrects it from the run's YAML with the same rules (:func:`trained_layout`).
 
 Everything else (trainer state, ``deepspeed/``, YAML, any other file) is left out and reported.
 
@@ -146,7 +150,11 @@ def _read_yaml(path: Path) -> dict:
 
 def trained_layout(source: CheckpointSource, saved: MonetConfig | None) -> SpanLayout:
     """The span layout the checkpoint's weights were trained in (module docstring); ``saved`` is the
-    checkpoint's own ``monet_config.json`` (the starting model's defaults)."""
+    checkpoint's own ``monet_config.json`` (already that layout for checkpoints of this version; the
+    starting model's defaults for earlier ones). The rules are the trainers': SFT
+    :func:`monet.data.stage_layout.sft_span_layout`, VLPO ``SpanLayout.of`` over the run's settings."""
+    from monet.data.stage_layout import sft_span_layout
+
     default = saved.span_layout if saved is not None else SpanLayout()
     if source.kind == "vlpo":
         path = source.folder / VLPO_CONFIG
@@ -159,8 +167,8 @@ def trained_layout(source: CheckpointSource, saved: MonetConfig | None) -> SpanL
     cfg = _read_yaml(path)
     if cfg.get("latent_size") is None:
         return default
-    try:  # SFT data is always built in the standard layout
-        return SpanLayout(cfg["latent_size"], "standard")
+    try:
+        return sft_span_layout(cfg["latent_size"])
     except (TypeError, ValueError) as e:
         raise ExportError(f"{path}: {e}") from None
 

@@ -120,9 +120,10 @@ def test_sft_run_folder_exports_its_latest_checkpoint(sft_run, tmp_path, capsys)
 
 def test_vlpo_checkpoint_exports_with_the_runs_layout(vlpo_run, tiny, sft_run, tmp_path):
     ckpt = vlpo_run / "checkpoint-1"
-    # the starting model's default K (saved with the policy) is not the K the run rolled out with
+    # the starting model's default K is not the K the run rolled out with; the checkpoint records the run's
+    assert monet.load_model(tiny, dtype="float32")[0].monet_config.span_layout.latent_size != K
     saved = json.loads((ckpt / "monet_config.json").read_text())
-    assert saved["latent_size"] != K
+    assert (saved["latent_size"], saved["layout"]) == (K, "standard")
     out = export_checkpoint(ckpt, tmp_path / "policy").out
     assert {p.name for p in out.iterdir()} == MODEL_FILE_SET
     cfg = json.loads((out / "monet_config.json").read_text())
@@ -146,6 +147,27 @@ def test_vlpo_checkpoint_exports_with_the_runs_layout(vlpo_run, tiny, sft_run, t
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
     assert main(["vlpo", "--export", str(sft_run[0] / "checkpoint-1"), str(tmp_path / "sft")]) == 2
     assert not (tmp_path / "sft").exists()
+
+
+def test_checkpoints_of_earlier_versions_are_exported_with_the_runs_layout(vlpo_run, sft_run, tmp_path, capsys):
+    """Earlier trainers kept the starting model's layout in the checkpoint's monet_config.json; the
+    export still writes the one the run trained with (from the run's YAML) and says so. Here the
+    starting model said K=5, monet-v1: the VLPO run set only latent_size=K, so it rolled out K in
+    monet-v1 (the starting model's kind); SFT always trains the standard layout."""
+    stale = SpanLayout(5, "monet-v1")
+    for src, name, kind in ((vlpo_run / "checkpoint-1", "vlpo", "monet-v1"),
+                            (sft_run[0] / "checkpoint-2", "sft", "standard")):
+        old = tmp_path / name / src.name
+        shutil.copytree(src, old)
+        cfg = json.loads((old / "monet_config.json").read_text())
+        cfg.update(stale.to_dict())
+        (old / "monet_config.json").write_text(json.dumps(cfg))
+        assert monet.load_model(old, dtype="float32")[0].monet_config.span_layout == stale
+        assert main(["export", str(old), str(tmp_path / f"{name}-out")]) == 0
+        assert "said latent_size 5, layout monet-v1" in capsys.readouterr().out
+        out = json.loads((tmp_path / f"{name}-out" / "monet_config.json").read_text())
+        assert (out["latent_size"], out["layout"]) == (K, kind)
+        assert out["token_ids"] == cfg["token_ids"]
 
 
 def test_non_empty_out_is_refused_and_left_alone(sft_run, tmp_path, capsys):

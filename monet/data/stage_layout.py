@@ -91,6 +91,13 @@ def check_stage(stage: int) -> int:
     return int(stage)
 
 
+def sft_span_layout(latent_size: int) -> SpanLayout:
+    """The span layout SFT data is built in, whatever the starting model decodes in: the standard
+    layout (``START`` embedded, then K latents, then ``END``) with ``latent_size`` K. Checkpoints of
+    an SFT run record it in their ``monet_config.json``."""
+    return SpanLayout(latent_size, "standard")
+
+
 def check_label_rule(labels: str) -> str:
     if labels not in LABEL_RULES:
         raise ValueError(f"labels must be one of {LABEL_RULES} (see monet.data.stage_layout), got {labels!r}")
@@ -284,7 +291,7 @@ def build_stage_example(
     processor will); call :func:`load_pixels` later.
     """
     check_stage(stage)
-    span = SpanLayout(latent_size)  # SFT trains the standard layout
+    span = sft_span_layout(latent_size)
     check_label_rule(labels)
     budget = budget or stage_budget(stage)
     tokens = tokens or LayoutTokens.from_processor(processor)

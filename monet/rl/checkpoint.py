@@ -2,7 +2,7 @@
 (:func:`export_policy`, a VLPO-only front of :mod:`monet.export`).
 
 Layout of ``OUTPUT/checkpoint-STEP/``: the policy (``save_pretrained``: safetensors weights,
-``monet_config.json``) and processor — a complete model directory that ``monet.load_model`` and
+``monet_config.json`` with the run's ``latent_size`` / ``layout``, not the starting model's) and processor — a complete model directory that ``monet.load_model`` and
 ``monet.vllm.LatentLLM`` open as is — plus the trainer state as ``vlpo_state.json`` (JSON: step,
 data cursor, sampler, RNG, optimiser hyper-parameters...) and ``vlpo_state.tensors`` (its
 tensors, in the safetensors format: optimiser moments, RNG state, latents of buffered rollouts),
@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from monet.layout import SpanLayout
 
 
 LATEST = "latest"
@@ -136,12 +138,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, tensors:
 # -- folders ---------------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None, state: dict,
                     tensors: dict[str, torch.Tensor], config_yaml: str | None = None,
-                    keep_last: int | None = None, staged: Path | None = None) -> Path:
+                    keep_last: int | None = None, staged: Path | None = None,
+                    span_layout: SpanLayout | None = None) -> Path:
     """Write ``checkpoint-STEP`` atomically and point ``latest`` at it; returns its path
     (:func:`monet.train.checkpoint.commit_checkpoint`: the SFT trainer's rules for atomicity,
     retention, full disks and non-finite weights, which are refused with
     :class:`~monet.train.checkpoint.NonFiniteWeightsError` naming the parameter). ``staged``: the
-    staging folder that already holds the DeepSpeed shards (:func:`save_engine_shards`)."""
+    staging folder that already holds the DeepSpeed shards (:func:`save_engine_shards`).
+    ``span_layout``: the run's rollout layout (``latent_size`` / ``layout`` of the run, each
+    defaulting to the starting model's, as :func:`monet.rl.actor.load_replica` builds it); the
+    checkpoint's ``monet_config.json`` records it, so the folder loads (``monet.load_model``,
+    ``LatentLLM``, resume) with the run's settings, not the starting model's."""
     from safetensors.torch import save_file
 
     from monet.train.checkpoint import commit_checkpoint
@@ -154,7 +161,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
                                                      "state": state}, allow_nan=False))
 
     return commit_checkpoint(output_dir, step, model=model, processor=processor, write_state=write_state,
-                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged)
+                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged,
+                             span_layout=span_layout)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

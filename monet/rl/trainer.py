@@ -443,7 +443,7 @@ class VLPOTrainer:
         with self.actor.full_weights():
             path = ckpt_io.save_checkpoint(self.out, self.step_count, model=self.policy, processor=self.processor,
                                            state=state, tensors=tensors, config_yaml=self.cfg.to_yaml(),
-                                           keep_last=self.cfg.keep_last, staged=staged)
+                                           keep_last=self.cfg.keep_last, staged=staged, span_layout=self.layout)
         self.printer(f"[vlpo] saved {path}")
         return path
 

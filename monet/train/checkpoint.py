@@ -1,7 +1,7 @@
 """Atomic training checkpoints with resume; nothing in a checkpoint is ever unpickled.
 
 Layout: ``OUTPUT/checkpoint-STEP/`` holding the model (``save_pretrained``: safetensors weights and
-``monet_config.json``), the processor, the trainer state (optimizer, scheduler, RNG states, data
+``monet_config.json``, which states the span layout the run trained in: :func:`commit_checkpoint`), the processor, the trainer state (optimizer, scheduler, RNG states, data
 position, step) as ``trainer_state.json`` + ``trainer_state.tensors``, and ``sft_config.yaml``;
 ``OUTPUT/latest`` names the newest complete checkpoint. The folder is a complete model directory
 that ``monet.load_model``, ``monet.vllm.LatentLLM`` and ``monet serve`` open as is: the tensor file
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from monet.atomic import atomic_write_text, disk_full_error, is_disk_full
+from monet.layout import SpanLayout
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -234,13 +235,32 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[str]:
     return gone
 
 
+def write_monet_config(folder: Path, model: Any, span_layout: SpanLayout) -> None:
+    """Write ``folder/monet_config.json``: the model's :class:`~monet.model.config.MonetConfig` (a
+    default one when it carries none) with ``span_layout`` instead of its own; the model's live
+    config is left untouched."""
+    from monet.model.config import MonetConfig
+
+    if not isinstance(span_layout, SpanLayout):
+        raise TypeError(f"span_layout must be a SpanLayout, got {type(span_layout).__name__}")
+    base = getattr(model, "monet_config", None) or MonetConfig()
+    MonetConfig(span_layout=span_layout, token_ids=base.token_ids, format_version=base.format_version,
+                extra=dict(base.extra)).save(folder)
+
+
 def commit_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
                       write_state: Callable[[Path], None], config_file: str, config_yaml: str | None = None,
-                      keep_last: int | None = None, staged: Path | None = None) -> Path:
+                      keep_last: int | None = None, staged: Path | None = None,
+                      span_layout: SpanLayout | None = None) -> Path:
     """The one way a trainer (SFT or VLPO) writes ``checkpoint-STEP``: refuse non-finite weights,
     write the model, processor, ``config_file`` and the trainer's own state (``write_state(folder)``)
     into a temporary folder (or ``staged``, see :func:`staging_dir`), rename it into place, point
     ``latest`` at it, then apply ``keep_last``. Returns its path.
+
+    ``span_layout``: the span layout (K and kind) the run trained in. The checkpoint's
+    ``monet_config.json`` states it (token ids and ``extra`` stay the model's), so loading the folder
+    (``monet.load_model``, ``LatentLLM``, resume) decodes the way the weights were trained, whatever
+    layout the starting model's ``monet_config.json`` named. None keeps the model's own.
 
     ``keep_last``: afterwards keep this checkpoint and the ``keep_last - 1`` newest ones before it;
     checkpoints with a higher step (left by a run that was resumed from an earlier checkpoint) are
@@ -256,6 +276,8 @@ def commit_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, p
         if tmp is None:
             tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=out))
         model.save_pretrained(tmp)
+        if span_layout is not None:
+            write_monet_config(tmp, model, span_layout)
         if processor is not None:
             processor.save_pretrained(tmp)
         if config_yaml is not None:
@@ -282,9 +304,11 @@ def commit_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, p
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, processor: Any | None,
                     trainer_state: dict, config_yaml: str | None = None, keep_last: int | None = None,
-                    staged: Path | None = None) -> Path:
+                    staged: Path | None = None, span_layout: SpanLayout | None = None) -> Path:
     """Write an SFT ``checkpoint-STEP`` (:func:`commit_checkpoint` with the trainer state of
-    :func:`write_trainer_state` and ``sft_config.yaml``). Returns its path.
+    :func:`write_trainer_state` and ``sft_config.yaml``). Returns its path. ``span_layout``: the
+    layout the run trained in (:func:`monet.data.stage_layout.sft_span_layout`), which the
+    checkpoint's ``monet_config.json`` records.
 
     Refuses (:class:`NonFiniteWeightsError`) when a weight is NaN/inf. ``staged``: a folder (see
     :func:`staging_dir`) that already holds parts written by other writers (DeepSpeed's shards); it
@@ -292,7 +316,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, model: Any, pro
     """
     return commit_checkpoint(output_dir, step, model=model, processor=processor,
                              write_state=lambda folder: write_trainer_state(folder, trainer_state),
-                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged)
+                             config_file=CONFIG_FILE, config_yaml=config_yaml, keep_last=keep_last, staged=staged,
+                             span_layout=span_layout)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike, state_file: str = STATE_FILE) -> Path | None:

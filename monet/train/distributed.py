@@ -74,16 +74,28 @@ def check_cpu_collectives() -> None:
             f"backend={CUDA_BACKEND!r} (monet.train.distributed.backend_for), or let monet initialise it")
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+def init_distributed(device: torch.device, *, group_of_one: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK are torchrun's launch
     contract) with :func:`join_process_group`; a plain ``python`` run is a world of one. A group
-    that is already up is used as is if it can reduce CPU tensors (:func:`check_cpu_collectives`)."""
+    that is already up is used as is if it can reduce CPU tensors (:func:`check_cpu_collectives`).
+
+    A world of one needs no group, except for DeepSpeed, whose engine requires one even for a single
+    rank: with ``group_of_one`` (a DeepSpeed run) such a process (plain ``python``, or
+    ``torchrun --nproc_per_node 1``) joins a one-rank group on an in-process store
+    (``torch.distributed.HashStore``: no address, port or rendezvous file), which
+    :func:`shutdown_distributed` removes again. DeepSpeed's engine also insists on the launcher's
+    ``LOCAL_RANK`` variable ("set by the deepspeed launcher ... or the torch's launcher"): for a
+    one-rank group that monet starts itself, monet is that launcher and sets it to ``0`` when
+    absent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not group_of_one:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         check_cpu_collectives()
+    elif world <= 1:
+        join_process_group(device, local_rank=local_rank, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))  # the launch contract DeepSpeed checks
     else:
         join_process_group(device, local_rank=local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)

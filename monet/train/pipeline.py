@@ -43,6 +43,28 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def adopt_sft_layout(model: Any, cfg: SFTConfig, printer: Callable[[str], None] = print) -> None:
+    """Make the starting model's span layout the one this SFT run trains in
+    (:func:`monet.data.stage_layout.sft_span_layout`: standard, K = ``cfg.latent_size``); its
+    checkpoints record that layout in ``monet_config.json``.
+
+    SFT data exists only in the standard layout, so a starting model whose ``monet_config.json``
+    names another kind (``monet-v1``, e.g. the released Monet-7B) is switched to it, and the run log
+    says so in a ``WARNING`` line: its checkpoints decode in the standard layout, while the starting
+    model decoded in its own."""
+    from monet.data.stage_layout import sft_span_layout
+
+    trained = sft_span_layout(cfg.latent_size)
+    before = model.monet_config.span_layout
+    if before.kind != trained.kind:
+        printer(f"WARNING: the starting model {cfg.model} decodes in the {before.kind!r} span layout (its "
+                f"monet_config.json), but SFT data is built in the {trained.kind!r} layout only (START embedded, "
+                f"then K latents, then END). This run trains the {trained.kind!r} layout with latent_size "
+                f"{trained.latent_size}, and its checkpoints record layout={trained.kind!r} in monet_config.json, "
+                f"so they decode in that layout, not in {before.kind!r} as the starting model did.")
+    model.monet_config.span_layout = trained
+
+
 def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
             device: str | torch.device | None = None, progress: bool = True,
             printer: Callable[[str], None] = print) -> dict:
@@ -54,7 +76,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False,
     from monet.train.run_dir import RunDirectory
 
     dev = _device(device)
-    dist_info = init_distributed(dev)
+    dist_info = init_distributed(dev, group_of_one=bool(cfg.deepspeed))
     # rank 0 takes the directory before anything is written into it (the cache included)
     run_dir = RunDirectory(cfg.output_dir, resume=resume, overwrite=overwrite) if dist_info.is_main else None
     try:
@@ -74,6 +96,7 @@ def _train(cfg: SFTConfig, run_dir: Any, resume: bool, dev: torch.device, dist_i
 
     model, processor = load_model(cfg.model, dtype="float32", device=dev, attn_implementation=cfg.attn_implementation,
                                   latent_size=cfg.latent_size)
+    adopt_sft_layout(model, cfg, printer if dist_info.is_main else (lambda _: None))
 
     def data():
         loaded = load_sft_dataset(cfg.data, cfg.image_root)

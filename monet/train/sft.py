@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from monet.data.alignment import aligned_counts, aligned_positions, example_key
 from monet.data.collate import StageBatch, StageCollator
+from monet.data.stage_layout import sft_span_layout
 from monet.model.training import latent_forward
 from monet.train.checkpoint import (
     CheckpointError,
@@ -236,7 +237,7 @@ class SFTTrainer:
         if len(examples) == 0:
             raise ValueError("no training examples (all samples rejected, or an empty dataset)")
         self.device = torch.device(device)
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, group_of_one=bool(cfg.deepspeed))
         self.progress, self.printer = progress and self.dist.is_main, printer
         self._own_run_dir = None
         if run_dir is None and self.dist.is_main:
@@ -312,7 +313,8 @@ class SFTTrainer:
             if self.dist.is_main:
                 path = save_checkpoint(self.cfg.output_dir, self.step, model=self.model, processor=self.processor,
                                        trainer_state=state, config_yaml=self.cfg.to_yaml(),
-                                       keep_last=self.cfg.keep_last, staged=staged)
+                                       keep_last=self.cfg.keep_last, staged=staged,
+                                       span_layout=sft_span_layout(self.cfg.latent_size))
         barrier(self.dist)
         return path
 
