@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     cfg = VLPORunConfig.from_yaml(args.config, overrides)
     device = torch.device(cfg.device)
-    dist = init_distributed(device)
+    dist = init_distributed(device, group_of_one=bool(cfg.deepspeed))  # DeepSpeed needs a group even alone
     try:
         batch = load_actor_batch(args.batch)
         rep = load_replica(cfg, cfg.model, fresh=True, dist=dist)
