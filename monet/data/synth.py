@@ -62,6 +62,22 @@ class SynthDataset:
 
 
 @dataclass(frozen=True)
+class SplitDataset:
+    """Paths written by the three-split tasks (:func:`monet.data.synth_multihop.synthesize_multihop`,
+    :func:`monet.data.synth_keys.synthesize_keys`); ``root`` is the image root of all files."""
+
+    root: Path
+    train_json: Path
+    val_json: Path
+    eval_json: Path
+    n: int
+    n_val: int
+    n_eval: int
+    seed: int
+    captions_json: Path | None = None  # written with captions=True: captions of the training scenes
+
+
+@dataclass(frozen=True)
 class _Shape:
     kind: str
     colour: str

@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
-from monet.data.synth import (COLOURS, SYSTEM_PROMPT, _atomic_write_bytes, _png_bytes, caption_json,
-                              check_output_dir, disjoint_splits, write_captions)
+from monet.data.synth import (COLOURS, SYSTEM_PROMPT, SplitDataset, _atomic_write_bytes, _png_bytes,
+                              caption_json, check_output_dir, disjoint_splits, write_captions)
 
 DATASET_NAME = "Synth_Keys"
 TILES = 4
@@ -72,19 +72,8 @@ DERANGEMENTS: tuple[tuple[int, ...], ...] = tuple(
     p for p in itertools.permutations(range(TILES)) if all(p[i] != i for i in range(TILES)))
 
 
-@dataclass(frozen=True)
-class KeysDataset:
-    """Paths written by :func:`synthesize_keys` (``root``: the image root of all files)."""
-
-    root: Path
-    train_json: Path
-    val_json: Path
-    eval_json: Path
-    n: int
-    n_val: int
-    n_eval: int
-    seed: int
-    captions_json: Path | None = None  # written with captions=True: captions of the training scenes
+#: what :func:`synthesize_keys` returns
+KeysDataset = SplitDataset
 
 
 @dataclass(frozen=True)

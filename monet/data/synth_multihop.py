@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
-from monet.data.synth import (COLOURS, SHAPES, SYSTEM_PROMPT, _article, _atomic_write_bytes, _png_bytes,
-                              caption_json, check_output_dir, disjoint_splits, write_captions)
+from monet.data.synth import (COLOURS, SHAPES, SYSTEM_PROMPT, SplitDataset, _article, _atomic_write_bytes,
+                              _png_bytes, caption_json, check_output_dir, disjoint_splits, write_captions)
 
 DATASET_NAME = "Synth_MultiHop"
 GRID = 4
@@ -61,19 +61,8 @@ _BACKGROUNDS = ((255, 255, 255), (240, 240, 240), (245, 240, 225))
 _ARROW = (20, 20, 20)
 
 
-@dataclass(frozen=True)
-class MultiHopDataset:
-    """Paths written by :func:`synthesize_multihop` (``root``: the image root of all files)."""
-
-    root: Path
-    train_json: Path
-    val_json: Path
-    eval_json: Path
-    n: int
-    n_val: int
-    n_eval: int
-    seed: int
-    captions_json: Path | None = None  # written with captions=True: captions of the training scenes
+#: what :func:`synthesize_multihop` returns
+MultiHopDataset = SplitDataset
 
 
 @dataclass(frozen=True)
