@@ -138,10 +138,9 @@ def _check_against_reference(out, rows, reference, ckpt) -> None:  # noqa: F811
 def test_two_workers_plain_data_parallel_match_one_process(plain_run, reference, ckpt):  # noqa: F811
     out, rows = plain_run
     _check_against_reference(out, rows, reference, ckpt)
-    # here even bit for bit: each rank holds one micro-batch of the (single) mini-batch, and a sum of
-    # two gradients does not depend on the order (one accumulation in one process, one all-reduce here)
-    ours, ref = _weights(latest_checkpoint(out)), _weights(latest_checkpoint(reference))
-    assert all(torch.equal(ours[n], ref[n]) for n in ref)
+    # Not bit for bit in general: Ray starts its workers with one intra-op thread while the reference
+    # process may use several, and a matmul's reduction order depends on the thread count (with
+    # OMP_NUM_THREADS=1 everywhere the weights were measured bit-identical).
     saved = json.loads((latest_checkpoint(out) / "vlpo_state.json").read_text())["state"]
     assert saved["train_workers"] == 2 and saved["deepspeed"] is None and saved["optimizer"]["state"]
 
