@@ -238,6 +238,20 @@ def disjoint_splits(make_scene, prefix: str, counts: dict[str, int]) -> dict[str
     return out
 
 
+def three_splits(make_scene, prefix: str, n: int, n_val: int, n_eval: int) -> dict[str, list]:
+    """:func:`disjoint_splits` over ``train`` / ``val`` / ``eval`` (in that order), sizes checked."""
+    if min(n, n_val, n_eval) < 0:
+        raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
+    return disjoint_splits(make_scene, prefix, {"train": n, "val": n_val, "eval": n_eval})
+
+
+def write_samples(out: Path, split: str, samples: list[dict[str, Any]]) -> Path:
+    """``out/{split}.json`` (atomically), the Monet-SFT samples of one split."""
+    path = out / f"{split}.json"
+    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
+    return path
+
+
 def check_output_dir(path: Path) -> None:
     """Raise ``ValueError`` naming ``path`` when it (or a parent) exists but is not a directory."""
     for p in (path, *path.parents):
@@ -268,9 +282,7 @@ def _write_split(out: Path, split: str, scenes: list[_Scene]) -> Path:
         _atomic_write_bytes(out / scene_rel, _png_bytes(img))
         _atomic_write_bytes(out / helper_rel, _png_bytes(_helper(scene, img)))
         samples.append(_sample_json(scene, f"{split}-{i:06d}", scene_rel, helper_rel))
-    path = out / f"{split}.json"
-    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
-    return path
+    return write_samples(out, split, samples)
 
 
 def synthesize_dataset(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,

@@ -44,7 +44,6 @@ earlier split, so tuning on ``val`` leaves ``eval`` untouched.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -53,7 +52,8 @@ from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
 from monet.data.synth import (COLOURS, SYSTEM_PROMPT, SplitDataset, _atomic_write_bytes, _png_bytes,
-                              caption_json, check_output_dir, disjoint_splits, write_captions)
+                              caption_json, check_output_dir, three_splits, write_captions,
+                              write_samples)
 
 DATASET_NAME = "Synth_Keys"
 TILES = 4
@@ -196,16 +196,12 @@ def _write_split(out: Path, split: str, scenes: list[Scene], observe: str, visit
         for path, tile in zip(helpers, (scene.start, scene.hop)):
             _atomic_write_bytes(out / path, _png_bytes(tile_crop(img, tile)))
         samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers, observe))
-    path = out / f"{split}.json"
-    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
-    return path
+    return write_samples(out, split, samples)
 
 
 def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[Scene]]:
     """The scenes of the three splits (no scene of val/eval repeats one of an earlier split)."""
-    if min(n, n_val, n_eval) < 0:
-        raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
-    return disjoint_splits(random_scene, f"monet-keys/{seed}", {"train": n, "val": n_val, "eval": n_eval})
+    return three_splits(random_scene, f"monet-keys/{seed}", n, n_val, n_eval)
 
 
 def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0, n_val: int = 0,

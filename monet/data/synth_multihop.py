@@ -34,7 +34,6 @@ earlier split (train, then val, then eval), so tuning on ``val`` leaves ``eval``
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from typing import Any
 
 from monet.data.sft_format import PLACEHOLDER
 from monet.data.synth import (COLOURS, SHAPES, SYSTEM_PROMPT, SplitDataset, _article, _atomic_write_bytes,
-                              _png_bytes, caption_json, check_output_dir, disjoint_splits, write_captions)
+                              _png_bytes, caption_json, check_output_dir, three_splits, write_captions,
+                              write_samples)
 
 DATASET_NAME = "Synth_MultiHop"
 GRID = 4
@@ -213,16 +213,12 @@ def _write_split(out: Path, split: str, scenes: list[Scene]) -> Path:
         _atomic_write_bytes(out / helpers[0], _png_bytes(cell_zoom(img, scene.arrow_cell)))
         _atomic_write_bytes(out / helpers[1], _png_bytes(cell_zoom(img, scene.target_cell)))
         samples.append(sample_json(scene, f"{split}-{i:06d}", rel, helpers))
-    path = out / f"{split}.json"
-    _atomic_write_bytes(path, (json.dumps(samples, indent=1) + "\n").encode("utf-8"))
-    return path
+    return write_samples(out, split, samples)
 
 
 def split_scenes(n: int, n_val: int, n_eval: int, seed: int) -> dict[str, list[Scene]]:
     """The scenes of the three splits (no scene of val/eval repeats one of an earlier split)."""
-    if min(n, n_val, n_eval) < 0:
-        raise ValueError(f"n, n_val and n_eval must be >= 0, got {n}, {n_val}, {n_eval}")
-    return disjoint_splits(random_scene, f"monet-multihop/{seed}", {"train": n, "val": n_val, "eval": n_eval})
+    return three_splits(random_scene, f"monet-multihop/{seed}", n, n_val, n_eval)
 
 
 def synthesize_multihop(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int = 0,
