@@ -170,5 +170,7 @@ def test_variants_visit_and_observe_what_they_say(tmp_path, visits, observe, las
 def test_bad_visits_are_refused(tmp_path):
     with pytest.raises(ValueError, match="visits must be 1"):
         synthesize_keys(tmp_path / "d", n=1, n_eval=0, visits=3)
+    with pytest.raises(ValueError, match="it needs visits=2"):
+        synthesize_keys(tmp_path / "d", n=1, n_eval=0, visits=1, observe="last")
     with pytest.raises(ValueError, match="observe must be one of"):
         synthesize_keys(tmp_path / "d", n=1, n_eval=0, observe="hop")

@@ -214,6 +214,8 @@ def synthesize_keys(out_dir: str | os.PathLike, n: int, n_eval: int, seed: int =
         raise ValueError(f"observe must be one of {OBSERVE}, got {observe!r}")
     if visits not in (1, 2):
         raise ValueError(f"visits must be 1 (the start tile) or 2 (and the tile it names), got {visits!r}")
+    if visits == 1 and observe == "last":
+        raise ValueError('observe="last" names the second helper image\'s dot; it needs visits=2')
     out = Path(out_dir)
     check_output_dir(out)
     scenes = split_scenes(n, n_val, n_eval, seed)
