@@ -111,6 +111,8 @@ class QuickstartSettings:
     vlpo_n: int = 4  # rollouts per prompt (GRPO group size)
     vlpo_prompts: int = 8  # prompts per rollout round
     vlpo_latent_noise: float = 0.5  # exploration noise of the latents (VLPOConfig.latent_noise)
+    # validation samples of the latent-route probes (report["latent_route"]; 0 skips them)
+    route_samples: int = 128
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -127,6 +129,8 @@ class QuickstartSettings:
 
         if self.keys_observe not in OBSERVE:
             raise ValueError(f"keys_observe must be one of {OBSERVE}, got {self.keys_observe!r}")
+        if self.route_samples < 0:
+            raise ValueError(f"route_samples must be >= 0, got {self.route_samples!r}")
         if self.caption_epochs < 0:
             raise ValueError(f"caption_epochs must be >= 0, got {self.caption_epochs!r}")
         if self.vlpo_steps < 0 or self.vlpo_n < 2 or self.vlpo_prompts < 1 or not self.vlpo_lr > 0:
@@ -138,8 +142,9 @@ class QuickstartSettings:
         """The ``make demo`` settings, or with ``fast`` the CI smoke run (a few steps of every phase,
         stage 0 and VLPO included, 8 held-out samples)."""
         if fast:
-            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, n_val=0, max_steps=3, max_new_tokens=24,
-                       eval_batch_size=8, vlpo_steps=2, vlpo_n=2, vlpo_prompts=2, caption_epochs=1.0)
+            return cls(preset=preset, seed=seed, n_train=24, n_eval=8, n_val=4, max_steps=3, max_new_tokens=24,
+                       eval_batch_size=8, vlpo_steps=2, vlpo_n=2, vlpo_prompts=2, caption_epochs=1.0,
+                       route_samples=4)
         return cls(preset=preset, seed=seed)
 
 
@@ -230,6 +235,9 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
                                                lambda: run_vlpo_phase(out, s, data, ck3, progress))
 
     rows = evaluate_rows(out, s, eval_json, checkpoints, timed, progress)
+    route = (timed("latent route probes (validation split, teacher-forced)",
+                   lambda: latent_route(s, data.val_json, data.root, checkpoints))
+             if s.n_val and s.route_samples else None)
     report = {
         "settings": asdict(s),
         "data": {"task": s.task, "train": str(data.train_json), "eval": str(data.eval_json), "n_train": s.n_train,
@@ -238,6 +246,7 @@ def run_quickstart(out_dir: str | Path, settings: QuickstartSettings | None = No
         "checkpoints": {k: str(v) for k, v in checkpoints.items()},
         "rows": rows,
         "goals": goals(rows),
+        "latent_route": route,
         "curves": training_curves(out, [k for k in checkpoints if k != "vlpo"]),
         "vlpo": vlpo_summary(rows, vlpo_rows),
         "timings_s": timings,
@@ -387,6 +396,29 @@ def evaluate_rows(out: Path, s: QuickstartSettings, eval_json: Path, checkpoints
     return rows
 
 
+def latent_route(s: QuickstartSettings, val_json: Path, root: Path, checkpoints: dict[str, Path]) -> dict:
+    """Where the latent route breaks (:mod:`monet.eval.latent_route`), on the first
+    ``route_samples`` *validation* samples: teacher-forced answer accuracy of stage 1 in its layout
+    (helper images in view) and of stage 2 and 3 in theirs (stage 2: the text after a span sees
+    the helper image only through the latents; stage 3: no helper image), and how far the stage-2
+    latent positions move when the last helper image is replaced by noise."""
+    from monet.data import load_sft_dataset
+    from monet.eval.latent_route import helper_sensitivity, teacher_forced_accuracy
+    from monet.model.loading import load_model
+
+    samples, _ = load_sft_dataset(val_json, root)
+    samples = samples[: s.route_samples]
+    out: dict = {"split": "val", "n": len(samples)}
+    for stage in (1, 2, 3):
+        model, proc = load_model(checkpoints[f"stage{stage}"], dtype="float32", latent_size=s.latent_size)
+        model.eval()
+        out[f"stage{stage}"] = teacher_forced_accuracy(model, proc, samples, stage, s.latent_size).as_dict()
+        if stage in (1, 2):
+            out[f"stage{stage}"]["sensitivity"] = helper_sensitivity(
+                model, proc, samples[: min(16, len(samples))], stage, s.latent_size, seed=s.seed).as_dict()
+    return out
+
+
 def goals(rows: list[dict]) -> dict:
     """The demo's three goals, measured on ``rows`` (None when a needed row has no samples)."""
     by = {r["name"]: r for r in rows}
@@ -450,6 +482,14 @@ def format_report(report: dict) -> str:
         lines.append(f"goal: zeroing the latents costs {100 * z['cost']:+.1f} points (>= 10): "
                      f"{'met' if z['met'] else 'NOT met'}")
         lines.append(f"goal: mean pairwise latent cosine {num(c['value'])} (< 0.5): {'met' if c['met'] else 'NOT met'}")
+    lr = report.get("latent_route")
+    if lr:
+        acc = "  ".join(f"stage {k}: {pct(lr[f'stage{k}']['answer_accuracy'])}" for k in (1, 2, 3))
+        s1, s2 = lr["stage1"]["sensitivity"], lr["stage2"]["sensitivity"]
+        lines.append(f"latent route ({lr['n']} validation samples, teacher-forced answer in each stage's layout): {acc}")
+        lines.append(f"  helper image -> noise moves: its tokens {s2['image_tokens']:.2f}, stage-2 latent positions "
+                     f"{s2['latents']:.3f}, stage-2 text after them {s2['text_after']:.4f} (stage 1: "
+                     f"{s1['text_after']:.4f})")
     v = report.get("vlpo")
     if v:
         b, a = v["before"], v["after"]

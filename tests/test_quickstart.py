@@ -190,9 +190,25 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
         assert 0.0 <= r["latent_span_rate"] <= 1.0
     assert set(report["goals"]) == {"stage3_vs_best_control", "zeroing_cost", "latent_cosine"}
     assert {k: len(v) for k, v in report["curves"].items()} == {k: 3 for k in report["checkpoints"] if k != "vlpo"}
+    # latent-route probes: on the validation split, each stage's model in its own layout
+    route = report["latent_route"]
+    assert route["split"] == "val" and route["n"] == 4
+    import monet
+    from monet.data import load_sft_dataset
+    from monet.eval.latent_route import teacher_forced_accuracy
+
+    val, _ = load_sft_dataset(out / "data" / "val.json", out / "data")
+    m2, p2 = monet.load_model(report["checkpoints"]["stage2"], dtype="float32", latent_size=4)
+    assert route["stage2"] == {**teacher_forced_accuracy(m2, p2, val[:4], 2, 4).as_dict(),
+                               "sensitivity": route["stage2"]["sensitivity"]}
+    for k in (1, 2):
+        sens = route[f"stage{k}"]["sensitivity"]
+        assert sens["before"] == 0.0 and sens["image_tokens"] > 0
+    assert "sensitivity" not in route["stage3"] and 0.0 <= route["stage3"]["answer_accuracy"] <= 1.0
     with Image.open(out / "report.png") as im:
         assert im.format == "PNG" and im.size[0] > 800
     text = capsys.readouterr().out
+    assert "latent route (4 validation samples" in text
     assert "(c) Monet stage 3" in text and "95% Wilson" in text and "goal: zeroing the latents" in text
     assert "VLPO (2 steps): accuracy" in text
 
