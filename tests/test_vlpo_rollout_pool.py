@@ -250,3 +250,12 @@ def test_every_engine_holds_the_weights_sent_and_a_stale_one_is_named(runs, ckpt
     finally:
         ray.wait(pool.shutdown(), num_returns=2, timeout=60)
         pool.kill()
+
+
+def test_an_engine_that_cannot_start_is_named(local_ray, ckpt, data, tmp_path):  # noqa: F811
+    from monet.rl.controller import RolloutPool
+
+    cfg = pool_config(ckpt, data, tmp_path / "p", rollout_engines=2)
+    missing = tmp_path / "no-model"
+    with pytest.raises(RuntimeError, match=rf"rollout engine [01] of 2 did not start on {missing}: "):
+        RolloutPool.start(ray, cfg, str(missing))

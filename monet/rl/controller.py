@@ -273,8 +273,16 @@ class RolloutPool:
         actors = [RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0, runtime_env=env)
                   .remote(d, model_dir, e) for e in range(cfg.rollout_engines)]
         pool = cls(ray, actors)
+        ready = [a.ready.remote() for a in actors]
         try:
-            wait_all(ray, [a.ready.remote() for a in actors])
+            wait_all(ray, ready)
+        except Exception as err:
+            failed = [e for e, r in enumerate(ready) if ray.wait([r], timeout=0)[0] and _raises(ray, r)]
+            pool.kill()
+            if not failed:
+                raise
+            raise RuntimeError(f"rollout engine {failed[0]} of {len(actors)} did not start on {model_dir}: "
+                               f"{err}") from err
         except BaseException:
             pool.kill()
             raise
@@ -310,6 +318,14 @@ class RolloutPool:
     def kill(self) -> None:
         for a in self.actors:
             self.ray.kill(a)
+
+
+def _raises(ray: Any, ref: Any) -> bool:
+    try:
+        ray.get(ref)
+    except Exception:
+        return True
+    return False
 
 
 def sync_metrics(reports: Sequence[dict]) -> dict:
