@@ -121,12 +121,27 @@ def test_rollout_engines_setting_is_checked(ckpt, data, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="rollout_engines=2: data-parallel rollout engines run under the Ray "
                                          r"controller \(`monet vlpo --controller ray`"):
         VLPOTrainer(pool_config(ckpt, data, tmp_path / "x", rollout_engines=2), printer=None, lock=False)
+    # resources the cluster can never provide are refused up front (Ray would wait forever)
+    from monet.rl.controller import check_resources
+
+    cpu = VLPORunConfig(model="m", data=["d"], prompts_per_rollout=3, rollout_engines=3)
+    check_resources(cpu, {"CPU": 2.0}, 0.5)  # 1 rank + 3 engines at 0.5 CPU
+    with pytest.raises(ValueError, match=r"needs 2.4 CPUs \(cpus_per_actor=0.6 for each of 1 training rank\(s\) and 3 "
+                                         r"rollout engine\(s\)\) but the Ray cluster has 2"):
+        check_resources(cpu, {"CPU": 2.0}, 0.6)
+    gpu = VLPORunConfig(model="m", data=["d"], device="cuda", rollout_engines=4, engine_kwargs={"tensor_parallel_size": 2},
+                        train_workers=2, vlpo=dict(n=4, groups_per_batch=2), micro_batch_size=4)
+    check_resources(gpu, {"CPU": 16.0, "GPU": 10.0}, 0.5)
+    with pytest.raises(ValueError, match=r"needs 10 GPUs \(2 training rank\(s\) of one GPU, 4 rollout engine\(s\) of "
+                                         r"tensor_parallel_size=2\) but the Ray cluster has 8"):
+        check_resources(gpu, {"CPU": 16.0, "GPU": 8.0}, 0.5)
     # the shipped 8-GPU config: its rollout engines and training ranks fill the 8 GPUs
     repo = Path(__file__).resolve().parents[1]
     shipped = VLPORunConfig.from_yaml(repo / "scripts" / "configs" / "vlpo.yaml")
     tp = int(shipped.engine_kwargs.get("tensor_parallel_size", 1))
     assert shipped.rollout_engines * tp + shipped.train_workers == 8
     assert shipped.prompts_per_rollout % shipped.rollout_engines == 0  # equal shards
+    check_resources(shipped, {"CPU": 64.0, "GPU": 8.0}, 0.5)
 
 
 # -- Ray ---------------------------------------------------------------------------------------------
@@ -251,7 +266,12 @@ def test_every_engine_holds_the_weights_sent_and_a_stale_one_is_named(runs, ckpt
 
 
 def test_an_engine_that_cannot_start_is_named(local_ray, ckpt, data, tmp_path):  # noqa: F811
-    from monet.rl.controller import RolloutPool
+    from monet.rl.controller import RolloutPool, run_vlpo_ray
+
+    # more CPUs than the local instance has: refused before any actor starts (no run lock taken)
+    with pytest.raises(ValueError, match=r"needs 2.5 CPUs .* 3 rollout engine\(s\)\) but the Ray cluster has 2"):
+        run_vlpo_ray(pool_config(ckpt, data, tmp_path / "big", rollout_engines=3), printer=None, cpus_per_actor=0.625)
+    assert not (tmp_path / "big").exists()
 
     cfg = pool_config(ckpt, data, tmp_path / "p", rollout_engines=2)
     missing = tmp_path / "no-model"

@@ -320,6 +320,27 @@ class RolloutPool:
             self.ray.kill(a)
 
 
+def check_resources(cfg: VLPORunConfig, cluster: dict, cpus_per_actor: float) -> None:
+    """Refuse a run the Ray cluster can never place (Ray would wait for the resources forever):
+    ``train_workers`` ranks of one GPU each and ``rollout_engines`` engines of
+    ``tensor_parallel_size`` GPUs each on CUDA; ``cpus_per_actor`` CPUs for every actor.
+    ``cluster``: ``ray.cluster_resources()`` (the cluster's total, free or not)."""
+    engines, ranks = cfg.rollout_engines, cfg.train_workers
+    tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
+    cpus = cpus_per_actor * (ranks + engines)
+    if cpus > float(cluster.get("CPU", 0.0)) + 1e-9:
+        raise ValueError(f"the run needs {cpus:g} CPUs (cpus_per_actor={cpus_per_actor:g} for each of {ranks} training "
+                         f"rank(s) and {engines} rollout engine(s)) but the Ray cluster has "
+                         f"{float(cluster.get('CPU', 0.0)):g}; lower train_workers, rollout_engines or cpus_per_actor")
+    if cfg.device.startswith("cuda"):
+        gpus = ranks + engines * tp
+        if gpus > float(cluster.get("GPU", 0.0)) + 1e-9:
+            raise ValueError(f"the run needs {gpus} GPUs ({ranks} training rank(s) of one GPU, {engines} rollout "
+                             f"engine(s) of tensor_parallel_size={tp}) but the Ray cluster has "
+                             f"{float(cluster.get('GPU', 0.0)):g}; lower train_workers, rollout_engines or "
+                             "tensor_parallel_size, or add nodes")
+
+
 def _raises(ray: Any, ref: Any) -> bool:
     try:
         ray.get(ref)
@@ -350,6 +371,12 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    try:
+        check_resources(cfg, ray.cluster_resources(), cpus_per_actor)
+    except ValueError:
+        if started:
+            ray.shutdown()
+        raise
     _, TrainerActor = _actors(ray)
     Worker = ray.remote(GroupWorker)
     cuda = cfg.device.startswith("cuda")
