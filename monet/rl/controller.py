@@ -41,7 +41,8 @@ weights: a checkpoint has no rollout state, and any E resumes any checkpoint.
 Resources: every rollout engine asks for ``engine_kwargs.tensor_parallel_size`` GPUs and every rank
 of the training group for one when ``device`` is a CUDA device (the rank then uses ``cuda``: Ray
 sets its visible devices); on CPU every actor asks for ``cpus_per_actor`` (fractional by default,
-so two rollout engines and a training rank fit a 2-core machine).
+so two rollout engines and a training rank fit a 2-core machine). A run that needs more than the
+cluster has is refused before any actor starts (:func:`check_resources`).
 """
 
 from __future__ import annotations
