@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # VLPO on 8 GPUs with the paper's settings (scripts/configs/vlpo.yaml): n 8 rollouts per prompt,
 # 64 prompts per rollout round, lr 1e-6, sigma 10, K 10, temperature 0.5, top-p 0.99,
-# 4096 prompt / 4096 response tokens, KL 0.01, select_acc_threshold 0.6.
+# 4096 prompt / 4096 response tokens, KL 0.01, select_acc_threshold 0.6; 4 one-GPU rollout engines
+# (rollout_engines) and 4 training ranks (train_workers), so it needs the Ray controller.
 #
 # Usage: scripts/vlpo.sh [--dry-run] [extra `monet vlpo` arguments, e.g. --resume, --set key=value]
 # Settings: PYTHON (default python3), RUNS (default <repo>/runs), POLICY (default: the checkpoint

