@@ -272,8 +272,8 @@ def _add_vlpo(sub) -> None:
                    help="override a setting (vlpo.KEY for the algorithm's settings)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--controller", choices=["local", "ray"], default="local",
-                   help="local: one process (rollout engine + trainer); ray: a rollout actor and a training group "
-                        "of train_workers Ray actors (one device each; rank 0 is the trainer)")
+                   help="local: one process (rollout engine + trainer); ray: rollout_engines rollout actors and a "
+                        "training group of train_workers Ray actors (one device each; rank 0 is the trainer)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (implies --controller ray); "
                    "default: ray.init() starts a local one")
     p.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT"), default=None,
