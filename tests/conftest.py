@@ -27,3 +27,15 @@ def tiny_on():
     """``tiny_on(device, dtype="float32") -> (model, processor)``: the tiny random checkpoint, loaded
     once per (device, dtype) for the whole session (tests that change it restore it)."""
     return _load_tiny
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local 2-CPU Ray instance for one test module (left alone if one is already running)."""
+    ray = pytest.importorskip("ray", reason="the Ray controller needs ray (the rl extra)")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

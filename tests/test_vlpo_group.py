@@ -80,16 +80,6 @@ def _resume_from_step_1(done, out, cfg) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(ckpt, data, tmp_path_factory):  # noqa: F811
     """The single-process trainer's 2 steps (one intra-op thread, like the fractional-CPU Ray actors)."""
     out = tmp_path_factory.mktemp("group") / "one"

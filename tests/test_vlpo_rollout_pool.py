@@ -147,16 +147,6 @@ def test_rollout_engines_setting_is_checked(ckpt, data, tmp_path):  # noqa: F811
 # -- Ray ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def local_ray():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def runs(local_ray, ckpt, data, tmp_path_factory):  # noqa: F811
     """The same 2-step run with one rollout engine and with two (shards of 2 and 1 prompts)."""
     from monet.rl.controller import run_vlpo_ray
