@@ -1,8 +1,13 @@
-"""VLPO step metrics: ``metrics.jsonl`` (strict JSON, one row per step) and a console table.
+"""VLPO step metrics: ``metrics.jsonl`` (strict JSON, one row per step), a console table and the
+optional TensorBoard / W&B sinks.
 
 Non-finite numbers are written as ``null`` (``json.dumps(allow_nan=False)`` never sees them).
 After a resume at step ``s``, :meth:`MetricsLog.resume_at` drops the rows past ``s`` (they are
-trained again) so every step appears once.
+trained again) so every step appears once; TensorBoard gets ``purge_step=s + 1`` for the same
+reason. The sinks are the SFT trainer's (:class:`monet.train.metrics.ScalarSinks`): every finite
+number of a row but ``step`` is a TensorBoard scalar at ``global_step=step`` (under
+``OUTPUT/tensorboard``), the row minus ``step`` a ``wandb.log(..., step=step)``. Only the trainer
+(rank 0 of the actor group) builds a :class:`MetricsLog`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from monet.atomic import atomic_write_text
+from monet.train.metrics import ScalarSinks
 
 #: columns of the console table (the file holds every metric)
 CONSOLE = ("step", "reward/mean", "rollout/accuracy", "rollout/format_rate", "rollout/response_len",
@@ -31,15 +37,26 @@ def strict_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsLog:
+    """``log(row)`` appends ``row`` (which holds ``step``) to ``OUTPUT/metrics.jsonl``, prints the
+    :data:`CONSOLE` columns (``printer`` None: silent) and writes it to the sinks.
+
+    ``tensorboard`` / ``wandb_project`` / ``run_config``: as :class:`~monet.train.metrics.ScalarSinks`
+    (``summary_writer``: the TensorBoard writer class, for tests). Call :meth:`close` at the end."""
+
     def __init__(self, output_dir: str | os.PathLike, *, printer: Callable[[str], None] | None = print,
-                 columns: Sequence[str] = CONSOLE):
+                 columns: Sequence[str] = CONSOLE, tensorboard: bool = False, wandb_project: str | None = None,
+                 run_config: dict | None = None, summary_writer: Any = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.printer, self.columns = printer, list(columns)
         self._header = False
+        self.sinks = ScalarSinks(output_dir, tensorboard=tensorboard, wandb_project=wandb_project,
+                                 run_config=run_config, summary_writer=summary_writer)
 
     def resume_at(self, step: int) -> None:
-        """Keep only the rows of steps ``<= step`` (a torn last line is dropped)."""
+        """Keep only the rows of steps ``<= step`` (a torn last line is dropped); TensorBoard
+        hides its events past ``step``."""
+        self.sinks.resume_at(step)
         if not self.path.is_file():
             return
         kept = []
@@ -55,6 +72,7 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
+        self.sinks.write(row["step"], {k: v for k, v in row.items() if k != "step"})
         if self.printer is None:
             return
         if not self._header:
@@ -66,6 +84,9 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        self.sinks.close()
 
 
 def _fmt(v: Any) -> str:

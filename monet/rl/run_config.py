@@ -59,8 +59,17 @@ class VLPORunConfig:
       actor update (:mod:`monet.rl.actor`): in the Ray controller's actor group (any
       ``train_workers``) or under ``torchrun ... -m monet.rl.actor``; the single-process trainer
       (``--controller local``) refuses it.
+      ``offload_reference``: keep the frozen reference (``vlpo.kl_coef > 0``) on the CPU and move it
+      to ``device`` only for the reference log-probability pass of each update, then back: frees
+      the reference's weights from the accelerator between those passes, at the cost of two
+      host<->device copies of them per update (``time/ref_offload``). The log-probabilities are the
+      same as without offloading. A no-op on ``device: cpu``.
     Bookkeeping
       ``output_dir``, ``save_every`` (steps; None: only at the end), ``keep_last``, ``log_every``.
+      ``tensorboard``: also write every step's numeric metrics to TensorBoard under
+      ``output_dir/tensorboard`` (needs ``pip install tensorboard``); ``wandb_project``: also log
+      them to that Weights & Biases project (needs ``pip install wandb``) — the SFT settings of the
+      same names (:class:`monet.train.metrics.ScalarSinks`).
     """
 
     model: str
@@ -100,6 +109,9 @@ class VLPORunConfig:
     log_every: int = 1
     deepspeed: str | None = None
     train_workers: int = 1
+    offload_reference: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None  # log to Weights & Biases (needs `pip install wandb`)
 
     def __post_init__(self) -> None:
         if isinstance(self.vlpo, Mapping):
@@ -118,6 +130,11 @@ class VLPORunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("offload_reference", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.wandb_project is not None and not (isinstance(self.wandb_project, str) and self.wandb_project):
+            raise ValueError(f"wandb_project must be a W&B project name or null, got {self.wandb_project!r}")
         if self.rollout_engines > self.prompts_per_rollout:
             raise ValueError(f"rollout_engines={self.rollout_engines} is more than prompts_per_rollout="
                              f"{self.prompts_per_rollout}: each rollout engine decodes a share of a round's prompts, "

@@ -122,6 +122,14 @@ class VLPOTrainer:
             from monet.train.checkpoint import remove_stale_temporaries
 
             remove_stale_temporaries(self.out)
+        try:  # before the model loads: a missing tensorboard / wandb package fails at once
+            self.metrics = MetricsLog(self.out, printer=self.printer if printer else None,
+                                      tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                      run_config=cfg.to_dict())
+        except BaseException:
+            if self.lock is not None and self.lock is not lock:  # ours: nobody else would release it
+                self.lock.release()
+            raise
         start = ckpt_io.latest_checkpoint(self.out) if resume else None
         if resume and start is None:
             self.printer(f"[vlpo] --resume: no checkpoint in {self.out}; starting from {cfg.model}")
@@ -148,7 +156,6 @@ class VLPOTrainer:
         self._t_step = time.perf_counter()
         if start is not None:
             self._restore(start)
-        self.metrics = MetricsLog(self.out, printer=self.printer if printer else None)
         self.metrics.resume_at(self.step_count)
         self.engine = engine
         self._with_engine = with_engine
@@ -481,6 +488,7 @@ class VLPOTrainer:
         self.printer(f"[vlpo] resumed from {ckpt} at step {step}")
 
     def close(self) -> None:
+        self.metrics.close()
         if self.engine is not None and hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
         if self.lock is not None:
