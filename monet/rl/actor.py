@@ -34,7 +34,9 @@ fixed when the engine is built, so every mini-batch must have the same number of
 ZeRO-3 every module call gathers parameters with a collective, so the ranks' micro-batches must run
 the same module calls: all with images or all without, and all with or all without
 policy-generated vision tokens (an extra embedding call) — checked per micro-batch, a clear error
-otherwise. The reference model is not partitioned (each rank holds a full frozen copy). With
+otherwise. The reference model is not partitioned (each rank holds a full frozen copy); with
+``offload_reference`` that copy lives on the CPU and visits the rank's device only for step 2
+(:func:`reference_on`). With
 ``dtype: bfloat16`` DeepSpeed keeps fp32 master weights for AdamW, while the plain path updates the
 bf16 weights directly.
 
@@ -54,6 +56,7 @@ not load in vLLM, which takes every ``*.safetensors`` file of a model directory 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -77,6 +80,24 @@ BATCH_JSON = "actor_batch.json"
 BATCH_TENSORS = "actor_batch.safetensors"
 BATCH_FORMAT = "monet-vlpo-actor-batch"
 _BATCH_FIELDS = ("input_ids", "attention_mask", "response_start", "forced_first_start", "advantages")
+
+
+#: where an offloaded reference (``VLPORunConfig.offload_reference``) waits between reference passes
+OFFLOAD_DEVICE = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def reference_on(module: torch.nn.Module, device: torch.device | str, home: torch.device | str):
+    """Move ``module`` (parameters and buffers, in place) to ``device`` for the block and back to
+    ``home`` after it, also when the block raises. Both moves are no-ops when ``device == home``.
+    Yields the module. The values are copied exactly, so what the block computes does not depend on
+    where the module waited. Memory / time: the module occupies ``device`` only inside the block,
+    for two host<->device copies of its weights per use."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -299,9 +320,17 @@ class Actor:
         timings["time/old_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.cfg.vlpo.kl_coef > 0:
-            with torch.no_grad():
-                for m in mine:
-                    m.ref_text, m.ref_latent = self._action_logps(self.reference, m)
+            if self.cfg.offload_reference:  # on the device for this pass only (reference_on)
+                with reference_on(self.reference, self.cfg.device, OFFLOAD_DEVICE) as ref, torch.no_grad():
+                    t_in = time.perf_counter() - t0
+                    for m in mine:
+                        m.ref_text, m.ref_latent = self._action_logps(ref, m)
+                    t1 = time.perf_counter()
+                timings["time/ref_offload"] = t_in + time.perf_counter() - t1
+            else:
+                with torch.no_grad():
+                    for m in mine:
+                        m.ref_text, m.ref_latent = self._action_logps(self.reference, m)
         timings["time/ref_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         minis = [[micros[i] for i in idx] for idx in share]
@@ -391,7 +420,7 @@ class Actor:
 @dataclass
 class PolicyReplica:
     """What one rank of the actor trains with: the policy (train mode), its processor, the frozen
-    reference (None when ``vlpo.kl_coef == 0``), the span layout, the latent token ids and the
+    reference (None when ``vlpo.kl_coef == 0``; on the CPU with ``offload_reference``), the span layout, the latent token ids and the
     :class:`Actor` (optimiser; DeepSpeed engine when configured)."""
 
     policy: Any
@@ -421,8 +450,9 @@ def load_replica(cfg: VLPORunConfig, policy_dir: str, *, fresh: bool, dist: Dist
         policy.model.visual.requires_grad_(False)
     reference = None
     if cfg.vlpo.kl_coef > 0:
-        reference = copy.deepcopy(policy) if fresh else monet.load_model(cfg.model, dtype=cfg.dtype,
-                                                                         device=cfg.device)[0]
+        ref_device = OFFLOAD_DEVICE if cfg.offload_reference else cfg.device
+        reference = copy.deepcopy(policy).to(ref_device) if fresh else monet.load_model(
+            cfg.model, dtype=cfg.dtype, device=ref_device)[0]
         reference.eval().requires_grad_(False)
     actor = Actor(policy, cfg, layout=layout, token_ids=token_ids, reference=reference, dist=dist)
     return PolicyReplica(policy, processor, reference, layout, token_ids, actor)
