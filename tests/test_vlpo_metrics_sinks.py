@@ -170,12 +170,10 @@ def test_run_config_settings(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TB, reason="tensorboard is installed here: the missing-package error cannot occur")
-def test_trainer_fails_before_loading_the_model_and_frees_the_run_lock(tmp_path):
-    from monet.rl.checkpoint import RunLock
+def test_trainer_fails_before_loading_the_model(tmp_path):
     from monet.rl.trainer import VLPOTrainer
 
     cfg = VLPORunConfig(model=str(tmp_path / "no-model-here"), data=[str(tmp_path / "no.parquet")],
                         output_dir=str(tmp_path / "run"), engine="hf", tensorboard=True)
     with pytest.raises(ImportError, match="tensorboard: true needs the tensorboard package"):
         VLPOTrainer(cfg, printer=None)  # not a model-loading error: the sinks are checked first
-    RunLock(tmp_path / "run").release()  # the failed trainer did not keep the run locked
