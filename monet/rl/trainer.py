@@ -25,7 +25,8 @@ One :meth:`VLPOTrainer.step`:
 
 Each step appends a strict-JSON row to ``OUTPUT/metrics.jsonl`` (reward mean/std, accuracy,
 format rate, KL, clip fractions, ratio stats, latent-term magnitude and share, response length,
-latent-span rate, kept/discarded groups, rollout tokens/s, time per phase) and prints a table row.
+latent-span rate, kept/discarded groups, rollout tokens/s, time per phase) and prints a table row;
+``tensorboard`` / ``wandb_project`` also send it there (:mod:`monet.rl.metrics_log`).
 
 The split :meth:`next_prompts` / :meth:`ingest` / :meth:`open_step` / :meth:`update` /
 :meth:`close_step` / :meth:`weights` is what the Ray controller (:mod:`monet.rl.controller`)
