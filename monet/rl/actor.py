@@ -420,7 +420,8 @@ class Actor:
 @dataclass
 class PolicyReplica:
     """What one rank of the actor trains with: the policy (train mode), its processor, the frozen
-    reference (None when ``vlpo.kl_coef == 0``; on the CPU with ``offload_reference``), the span layout, the latent token ids and the
+    reference (None when ``vlpo.kl_coef == 0``; on the CPU with ``offload_reference``), the span
+    layout, the latent token ids and the
     :class:`Actor` (optimiser; DeepSpeed engine when configured)."""
 
     policy: Any

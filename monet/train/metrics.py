@@ -54,7 +54,8 @@ class ScalarSinks:
                 try:
                     from torch.utils.tensorboard import SummaryWriter as summary_writer
                 except ImportError:
-                    raise ImportError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+                    raise ImportError("tensorboard: true needs the tensorboard package "
+                                      "(pip install tensorboard)") from None
             self._writer_cls = summary_writer
         if wandb_project:
             try:
