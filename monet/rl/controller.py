@@ -69,6 +69,7 @@ def _actors(ray: Any):
                 self.engine = HFRolloutEngine(model, processor)
                 self.processor = processor
             else:
+                _reap_group_on_exit()  # before vLLM starts its engine processes
                 self.engine = build_engine(self.cfg, model_dir, None, None, engine_index=engine_index)
                 self.processor = self.engine.processor
 
@@ -340,6 +341,35 @@ def check_resources(cfg: VLPORunConfig, cluster: dict, cpus_per_actor: float) ->
                              f"engine(s) of tensor_parallel_size={tp}) but the Ray cluster has "
                              f"{float(cluster.get('GPU', 0.0)):g}; lower train_workers, rollout_engines or "
                              "tensor_parallel_size, or add nodes")
+
+
+# Watches the process whose pid is argv[1]; once it is gone (this watcher is re-parented), kills
+# the process group argv[2], which the watched process leads.
+_REAPER = ("import os, signal, sys, time\n"
+           "parent, group = int(sys.argv[1]), int(sys.argv[2])\n"
+           "while os.getppid() == parent:\n"
+           "    time.sleep(0.5)\n"
+           "os.killpg(group, signal.SIGKILL)\n")
+
+
+def _reap_group_on_exit() -> None:
+    """Make this process's descendants die with it, however it dies (Linux; a no-op elsewhere).
+
+    vLLM runs its engine in child processes that outlive a rollout actor killed without a
+    shutdown: a SIGKILLed ``monet vlpo`` driver takes Ray's raylet with it, the actors exit at
+    once, and the orphaned engine would keep its memory (on GPU: its share of the device) while a
+    resumed run starts another. A Ray worker leads its own process group, which its children
+    join; a small watcher process in that group polls its parent and, once the actor is gone,
+    kills the group (itself included). Nothing is armed unless this process leads its group, so no
+    other process can ever be hit."""
+    import os
+    import subprocess
+    import sys
+
+    if not hasattr(os, "killpg") or os.getpgid(0) != os.getpid():
+        return
+    subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), str(os.getpgid(0))],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
 
 def _raises(ray: Any, ref: Any) -> bool:
