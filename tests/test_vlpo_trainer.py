@@ -142,8 +142,12 @@ def test_training_steps_ray_controller_resume_and_export(ckpt, data, tmp_path):
                 assert math.isclose(rb[k], ra[k], rel_tol=1e-4, abs_tol=1e-6), (k, rb[k], ra[k])
             else:
                 assert rb[k] == ra[k], k
+    # Adam normalises every element's update to about lr, so an element whose gradient is tiny turns
+    # reduction-order noise into update noise (seen on zero-initialised k_proj biases): compare each
+    # tensor's *update* from w0, to 1% of one step (lr) per element
+    lr = run_config(ckpt, data, tmp_path / "a").lr
     for n in wa:
-        torch.testing.assert_close(wb[n], wa[n].detach(), rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(wb[n] - w0[n], wa[n].detach() - w0[n], rtol=1e-3, atol=1e-2 * lr, msg=n)
 
     # export: a plain model directory for monet.load_model
     last = latest_checkpoint(tmp_path / "b")
