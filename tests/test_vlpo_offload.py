@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from monet.rl.actor import OFFLOAD_DEVICE, reference_on
-from monet.rl.data import synthesize_rl_split
 from monet.rl.run_config import VLPORunConfig
 from monet.rl.trainer import VLPOTrainer
-from monet.testing import build_tiny_checkpoint
+from test_vlpo_trainer import ckpt, data, run_config  # noqa: F401  (module fixtures reused)
 
 
 class RecordingModule(torch.nn.Linear):
@@ -38,25 +37,10 @@ def test_reference_on_moves_there_and_back_also_on_error():
     assert torch.equal(m.weight, w)
 
 
-@pytest.fixture(scope="module")
-def ckpt():
-    return build_tiny_checkpoint(cache=True)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthesize_rl_split(tmp_path_factory.mktemp("rl") / "rl.parquet", 6, seed=1)
-
-
 def _cfg(ckpt, data, out, **kw) -> VLPORunConfig:
-    base = dict(model=str(ckpt), data=[str(data)], output_dir=str(out), engine="hf",
-                vlpo=dict(n=3, temperature=1.0, latent_noise=1.0, groups_per_batch=2, buffer_groups=6, sigma=10.0,
-                          kl_coef=0.5, length_penalty=dict(max_tokens=10, buffer=8)),
-                steps=2, prompts_per_rollout=3, difficulty_filter=False, max_response_tokens=10, latent_size=2,
-                force_latent=True, logit_bias={"<|im_end|>": 4.0}, micro_batch_size=4, lr=1e-3, dtype="float32",
-                seed=5)
-    base.update(kw)
-    return VLPORunConfig(**base)
+    """test_vlpo_trainer's run with a KL term, so the reference's log-probs enter the update."""
+    vlpo = dict(run_config(ckpt, data, out).vlpo.to_dict(), kl_coef=0.5)
+    return run_config(ckpt, data, out, vlpo=vlpo, **kw)
 
 
 def _two_steps(cfg: VLPORunConfig):
