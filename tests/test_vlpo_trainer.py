@@ -19,6 +19,7 @@ from monet.rl.rollout import HFRolloutEngine, encode_prompt, generate_rollouts
 from monet.rl.run_config import VLPORunConfig
 from monet.rl.trainer import VLPOTrainer
 from monet.testing import build_tiny_checkpoint
+from run_kill import sigkill_at_checkpoint
 
 START_BIAS = 4.5
 
@@ -222,10 +223,8 @@ def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_run(ckpt, data, t
     rollouts are seeded per round; both runs single-threaded so reductions run in one order). The
     run lock dies with the process, so the resume is not refused."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     cfg = tmp_path / "vlpo.yaml"
     cfg.write_text(run_config(ckpt, data, "run").to_yaml())
@@ -240,17 +239,7 @@ def test_sigkill_mid_run_then_resume_repeats_the_uninterrupted_run(ckpt, data, t
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 900
-    try:
-        while latest_checkpoint(killed) is None or latest_checkpoint(killed).name != "checkpoint-2":
-            assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-            assert time.monotonic() < deadline, "no checkpoint-2 within the time limit"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at_checkpoint(proc, killed, "checkpoint-2", 900)
     assert latest_checkpoint(killed).name in ("checkpoint-2", "checkpoint-3")  # never a partial one
     resumed = subprocess.run(cmd(killed, "--resume"), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
